@@ -1,0 +1,153 @@
+"""Command line: `run` (default), `check`, `demo`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from . import config as config_mod
+from . import logs
+
+log = logging.getLogger("proxy")
+
+EXIT_CONFIG = 2
+
+
+def _load(path_arg: str | None) -> config_mod.Config:
+    return config_mod.load(config_mod.resolve_path(path_arg))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(cfg.summary())
+    print("config OK")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.setup(os.environ.get("SIDECAR_LOG_LEVEL", "info"), os.environ.get("SIDECAR_LOG_FORMAT", "json"))
+    from .server import serve
+    return asyncio.run(serve(cfg))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    logs.setup("info", "text")
+    return asyncio.run(_demo(args.port, args.admin_port, args.sim_port))
+
+
+async def _demo(port: int, admin_port: int, sim_port: int) -> int:
+    from aiohttp import web
+
+    from .server import start_sidecar
+    from .simulator import DEMO_APPID, DEMO_SECRET, SimSettings, WeChatSimulator
+
+    # Short-lived tokens so the refresh-ahead is visible within minutes.
+    sim = WeChatSimulator(settings=SimSettings(ttl_s=600))
+    sim_runner = web.AppRunner(sim.app(), access_log=None)
+    await sim_runner.setup()
+    try:
+        await web.TCPSite(sim_runner, "127.0.0.1", sim_port).start()
+    except OSError as exc:
+        print(f"demo: cannot listen for the simulator on 127.0.0.1:{sim_port}: {exc}", file=sys.stderr)
+        await sim_runner.cleanup()
+        return 1
+    sim_port = sim_runner.addresses[0][1]
+    cfg = config_mod.parse(f"""
+listen: {{host: 127.0.0.1, port: {port}}}
+admin:  {{host: 127.0.0.1, port: {admin_port}}}
+upstream: {{base_url: "http://127.0.0.1:{sim_port}", timeout_s: 5}}
+apps:
+  - {{name: mp, appid: {DEMO_APPID}, secret: {DEMO_SECRET}, token_api: stable, refresh_before_s: 240}}
+""", "<demo>", env={})
+    try:
+        running = await start_sidecar(cfg)
+    except OSError as exc:
+        print(f"demo: cannot listen on 127.0.0.1:{port} / {admin_port}: {exc}. "
+              f"Try: python -m proxy demo --port 0 --admin-port 0", file=sys.stderr)
+        await sim_runner.cleanup()
+        return 1
+    ready = await running.sidecar.wait_ready(10)
+    p, a = running.proxy_port, running.admin_port
+    print(f"""
+wechat-token-sidecar demo {'(ready)' if ready else '(NOT ready: see the log above)'}
+  WeChat simulator : http://127.0.0.1:{sim_port}   (stands in for api.weixin.qq.com)
+  sidecar (apps)   : http://127.0.0.1:{p}
+  sidecar (admin)  : http://127.0.0.1:{a}
+
+Try these in another terminal:
+
+  # a business call: the sidecar adds the token (the simulator echoes what it got)
+  curl -s 'http://127.0.0.1:{p}/cgi-bin/user/info?openid=OPENID&lang=zh_CN'
+
+  # the same through the app prefix, with a POST body
+  curl -s -X POST -d '{{"touser":"OPENID","msgtype":"text"}}' 'http://127.0.0.1:{p}/mp/cgi-bin/message/custom/send'
+
+  # someone else rotates the token; the next call sees 40001, refreshes once, replays once
+  curl -s -X POST 'http://127.0.0.1:{sim_port}/_sim/rotate?appid={DEMO_APPID}&api=stable'
+  curl -s 'http://127.0.0.1:{p}/cgi-bin/user/info?openid=OPENID'
+
+  # a binary download streams through
+  curl -s -o /tmp/demo-media.jpg -w '%{{http_code}} %{{size_download}} bytes\\n' 'http://127.0.0.1:{p}/cgi-bin/media/get?media_id=M1&size=1048576'
+
+  # an SDK asking for a token gets the shared one (never a fetch of its own)
+  curl -s 'http://127.0.0.1:{p}/cgi-bin/token?grant_type=client_credential&appid=x&secret=y'
+
+  # health, readiness, per-app state, refresh now
+  curl -s http://127.0.0.1:{a}/readyz
+  curl -s http://127.0.0.1:{a}/admin/apps
+  curl -s -X POST 'http://127.0.0.1:{a}/admin/refresh?app=mp'
+
+  # how many token fetches WeChat saw
+  curl -s http://127.0.0.1:{sim_port}/_sim/stats
+
+Press Ctrl-C to stop.
+""", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop()
+    await sim_runner.cleanup()
+    print("demo stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="wechat-token-sidecar",
+        description="A sidecar that owns a WeChat access_token for the apps beside it.")
+    sub = parser.add_subparsers(dest="command")
+    for name, help_text in (("run", "serve (the default)"), ("check", "validate the config and exit")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", default=argparse.SUPPRESS,
+                       help="config file (default: $SIDECAR_CONFIG, else ./config.yaml)")
+    demo = sub.add_parser("demo", help="the sidecar in front of its built-in WeChat simulator")
+    demo.add_argument("--port", type=int, default=8080, help="proxy port (0: any free port)")
+    demo.add_argument("--admin-port", type=int, default=9090, help="admin port (0: any free port)")
+    demo.add_argument("--sim-port", type=int, default=0, help="simulator port (default: any free port)")
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args.command = "run"
+    handlers = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

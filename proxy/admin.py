@@ -1,0 +1,70 @@
+"""The admin port: liveness, readiness, the per-app view and the passive
+refresh interface. Nothing here ever answers a token or a secret."""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .forward import sidecar_error
+from .tokens import TokenUnavailable
+
+if TYPE_CHECKING:
+    from .server import Sidecar
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class AdminRoutes:
+    def __init__(self, sidecar: "Sidecar"):
+        self.sidecar = sidecar
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        # Liveness: the event loop answers. Never depends on WeChat or a store.
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        missing = {name: m.state.unavailable_reason(time.monotonic())
+                   for name, m in self.sidecar.managers.items() if m.current() is None}
+        if missing:
+            return web.json_response({"status": "not ready", "apps": missing}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def apps(self, request: web.Request) -> web.Response:
+        return web.json_response({"apps": [m.status() for m in self.sidecar.managers.values()]})
+
+    async def refresh(self, request: web.Request) -> web.Response:
+        admin = self.sidecar.config.admin
+        if admin.token:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {admin.token}".encode()):
+                return sidecar_error(401, "admin token required (Authorization: Bearer ...)")
+        elif not _is_loopback(admin.host):
+            return sidecar_error(403, "admin.token is empty and admin listens beyond loopback: "
+                                      "POST refused; set admin.token")
+        name = request.query.get("app") or self.sidecar.config.apps[0].name
+        manager = self.sidecar.managers.get(name)
+        if manager is None:
+            return sidecar_error(404, f"unknown app {name[:64]!r}")
+        try:
+            token = await manager.refresh_now()
+        except TokenUnavailable as exc:
+            return sidecar_error(503, str(exc))
+        return web.json_response({"app": name, "expires_in": int(token.remaining(time.monotonic())),
+                                  "refreshed": True})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/admin/apps", self.apps)
+        app.router.add_post("/admin/refresh", self.refresh)
+        return app

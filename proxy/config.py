@@ -1,0 +1,394 @@
+"""Load, expand and validate the sidecar's YAML config into frozen dataclasses.
+
+Every problem becomes one ``ConfigError`` that names the file, the key and the
+reason, so ``python -m proxy check`` can print it and exit 2.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+# Upload bodies are buffered so a replay sends the same bytes. The largest
+# documented upload is WeCom's 20 MB `file`; 32 MiB covers it plus multipart
+# overhead (wechat-api-notes.md §7).
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+# stable_token only hands out a new token in the last 300 s of the old one's
+# life (wechat-api-notes.md §1.2), so the default proactive margin sits inside it.
+DEFAULT_REFRESH_BEFORE_S = 240
+
+# Refreshes forced by rejected tokens refill at one per this many seconds
+# after a burst (see proxy/tokens/policy.py, FORCED_BURST): a flood of 40001
+# (another system rotating the token in a loop) must not become a flood of
+# fetches against a quota of ~2000 a day (wechat-api-notes.md §3).
+DEFAULT_MIN_REFRESH_INTERVAL_S = 60.0
+
+TOKEN_APIS = ("stable", "client_credential", "wecom")
+
+DEFAULT_UPSTREAMS = {
+    "stable": "https://api.weixin.qq.com",
+    "client_credential": "https://api.weixin.qq.com",
+    "wecom": "https://qyapi.weixin.qq.com",
+}
+
+# An app name is also the first path segment that selects it, so it must not
+# shadow a WeChat path root (`/cgi-bin/...` must never be read as an app).
+RESERVED_APP_NAMES = frozenset({
+    "cgi-bin", "sns", "wxa", "wxaapi", "datacube", "card", "merchant",
+    "customservice", "shakearound", "bizwifi", "semantic", "tcb", "union",
+    "product", "intracity", "express", "scan", "mall", "shop", "channels",
+    "wxopen", "componenttcb", "cv", "marketing", "device", "poi", "media",
+    "admin", "healthz", "readyz", "metrics",
+})
+
+APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+class ConfigError(Exception):
+    """A config problem, phrased for the operator: file, key, reason."""
+
+    def __init__(self, file: str, key: str, reason: str):
+        self.file, self.key, self.reason = file, key, reason
+        where = f"{file}: {key}" if key else file
+        super().__init__(f"{where}: {reason}")
+
+
+class _Expanded(str):
+    """A string produced by ${VAR} expansion; such strings may be read as numbers."""
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Admin:
+    host: str
+    port: int
+    token: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    base_url: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Store:
+    kind: str
+    url: str = field(default="", repr=False)  # may carry a password
+    key_prefix: str = "wts:"
+
+
+@dataclass(frozen=True)
+class App:
+    name: str
+    appid: str
+    secret: str = field(repr=False)
+    token_api: str
+    refresh_before_s: float
+    upstream: str
+    min_refresh_interval_s: float
+
+    @property
+    def store_key(self) -> str:
+        """Where this app's token lives: by appid, and for WeCom by agent secret too,
+        because each WeCom application has its own token (wechat-api-notes.md §8)."""
+        if self.token_api == "wecom":
+            return f"wecom:{self.appid}:{hashlib.sha256(self.secret.encode()).hexdigest()[:16]}"
+        return f"{self.token_api}:{self.appid}"
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    listen: Listen
+    admin: Admin
+    upstream: Upstream
+    store: Store
+    refresh_errcodes: frozenset[int]
+    pass_token_errors: bool
+    max_body_bytes: int
+    apps: tuple[App, ...]
+
+    def app(self, name: str) -> App | None:
+        for app in self.apps:
+            if app.name == name:
+                return app
+        return None
+
+    def summary(self) -> str:
+        """A human summary for `check`: everything an operator wants to see, no secret."""
+        lines = [
+            f"config: {self.source}",
+            f"listen: {self.listen.host}:{self.listen.port}",
+            f"admin:  {self.admin.host}:{self.admin.port} "
+            f"(admin token {'set' if self.admin.token else 'not set'})",
+            f"upstream: {self.upstream.base_url} (timeout {self.upstream.timeout_s:g} s)",
+            f"store: {self.store.kind}",
+            f"refresh_errcodes: {sorted(self.refresh_errcodes)}",
+            f"pass_token_errors: {str(self.pass_token_errors).lower()}",
+            f"max_body_bytes: {self.max_body_bytes}",
+            f"apps ({len(self.apps)}; the first is the default route):",
+        ]
+        for app in self.apps:
+            lines.append(
+                f"  - {app.name}: appid={app.appid} token_api={app.token_api} "
+                f"upstream={app.upstream} refresh_before_s={app.refresh_before_s:g} "
+                "secret=<set>"
+            )
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- expansion
+
+def _expand(value: Any, file: str, key: str, env: dict[str, str]) -> Any:
+    """Expand ${VAR} / ${VAR:-default} inside string values, after YAML parsing,
+    so a secret containing `#` or `: ` can never change the document's shape."""
+    if isinstance(value, dict):
+        return {k: _expand(v, file, f"{key}.{k}" if key else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, file, f"{key}[{i}]", env) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(file, key, f"environment variable {name} is not set (and no ${{{name}:-default}} given)")
+
+    return _Expanded(_VAR_RE.sub(substitute, value))
+
+
+# ---------------------------------------------------------------- validation helpers
+
+class _Section:
+    """One mapping of the config, read key by key; leftovers are unknown keys."""
+
+    def __init__(self, data: Any, file: str, key: str):
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(file, key or "(top level)", f"must be a mapping, got {_type_name(data)}")
+        self.data, self.file, self.key = dict(data), file, key
+
+    def path(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def get(self, name: str, conv: Callable[[Any, str], Any], default: Any = ...) -> Any:
+        if name not in self.data:
+            if default is ...:
+                raise ConfigError(self.file, self.path(name), "is required")
+            return default
+        return conv(self.data.pop(name), self.path(name))
+
+    def section(self, name: str) -> "_Section":
+        return _Section(self.data.pop(name, None), self.file, self.path(name))
+
+    def done(self) -> None:
+        for extra in self.data:
+            raise ConfigError(self.file, self.path(str(extra)), "unknown key")
+
+
+def _type_name(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def _str(file: str, allow_empty: bool = False) -> Callable[[Any, str], str]:
+    def conv(value: Any, key: str) -> str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(file, key, f"must be a string, got {_type_name(value)}")
+        value = str(value)
+        if not allow_empty and not value.strip():
+            raise ConfigError(file, key, "must not be empty")
+        return value
+    return conv
+
+
+def _number(file: str, kind: type, low: float, high: float) -> Callable[[Any, str], Any]:
+    def conv(value: Any, key: str) -> Any:
+        if isinstance(value, _Expanded):
+            try:
+                value = kind(value.strip())
+            except ValueError:
+                raise ConfigError(file, key, f"must be a {kind.__name__}, got {str(value)!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise ConfigError(file, key, f"must be a{'n integer' if kind is int else ' number'}, got {_type_name(value)}")
+        if not low <= value <= high:
+            raise ConfigError(file, key, f"must be between {low:g} and {high:g}, got {value}")
+        return kind(value)
+    return conv
+
+
+def _bool(file: str) -> Callable[[Any, str], bool]:
+    def conv(value: Any, key: str) -> bool:
+        if isinstance(value, _Expanded) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.strip().lower() in ("true", "yes", "1")
+        if not isinstance(value, bool):
+            raise ConfigError(file, key, f"must be true or false, got {_type_name(value)}")
+        return value
+    return conv
+
+
+def _url(file: str) -> Callable[[Any, str], str]:
+    def conv(value: Any, key: str) -> str:
+        text = _str(file)(value, key).rstrip("/")
+        if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", text):
+            raise ConfigError(file, key, f"must be an http:// or https:// URL without query, got {text!r}")
+        return text
+    return conv
+
+
+# ---------------------------------------------------------------- loading
+
+def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
+    file = str(path)
+    env = dict(os.environ) if env is None else env
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(file, "", "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(file, "", f"cannot read: {exc}") from None
+    return parse(text, file, env)
+
+
+def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) -> Config:
+    env = dict(os.environ) if env is None else env
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(file, "", f"not valid YAML: {where}{problem}") from None
+    except (ValueError, TypeError, RecursionError) as exc:  # odd scalars, deep nesting
+        raise ConfigError(file, "", f"not valid YAML: {exc}") from None
+    if raw is None:
+        raise ConfigError(file, "", "is empty")
+    raw = _expand(raw, file, "", env)
+    top = _Section(raw, file, "")
+
+    listen_s = top.section("listen")
+    listen = Listen(
+        host=listen_s.get("host", _str(file), "127.0.0.1"),
+        port=listen_s.get("port", _number(file, int, 0, 65535), 8080),
+    )
+    listen_s.done()
+
+    admin_s = top.section("admin")
+    admin = Admin(
+        host=admin_s.get("host", _str(file), "0.0.0.0"),
+        port=admin_s.get("port", _number(file, int, 0, 65535), 9090),
+        token=admin_s.get("token", _str(file, allow_empty=True), ""),
+    )
+    admin_s.done()
+
+    up_s = top.section("upstream")
+    upstream = Upstream(
+        base_url=up_s.get("base_url", _url(file), DEFAULT_UPSTREAMS["stable"]),
+        timeout_s=up_s.get("timeout_s", _number(file, float, 0.1, 600), 15.0),
+    )
+    up_s.done()
+
+    store_s = top.section("store")
+    kind = store_s.get("kind", _str(file), "memory")
+    if kind not in ("memory", "redis"):
+        raise ConfigError(file, "store.kind", f"must be memory or redis, got {kind!r}")
+    store = Store(
+        kind=kind,
+        url=store_s.get("url", _str(file), "") if kind == "redis" else "",
+        key_prefix=store_s.get("key_prefix", _str(file), "wts:") if kind == "redis" else "wts:",
+    )
+    if kind == "redis" and not store.url:
+        raise ConfigError(file, "store.url", "is required when store.kind is redis")
+    if kind == "redis" and not re.match(r"^(redis|rediss|unix)://", store.url):
+        raise ConfigError(file, "store.url", "must start with redis://, rediss:// or unix://")
+    store_s.done()
+
+    def errcodes(value: Any, key: str) -> frozenset[int]:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(file, key, f"must be a non-empty list of integers, got {_type_name(value)}")
+        return frozenset(_number(file, int, -(2**31), 2**31)(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+    refresh_errcodes = top.get("refresh_errcodes", errcodes, frozenset({40001, 40014, 42001}))
+    pass_token_errors = top.get("pass_token_errors", _bool(file), False)
+    max_body_bytes = top.get("max_body_bytes", _number(file, int, 1024, 1024**3), DEFAULT_MAX_BODY_BYTES)
+
+    apps_raw = top.data.pop("apps", None)
+    if not isinstance(apps_raw, list) or not apps_raw:
+        raise ConfigError(file, "apps", "must be a non-empty list of apps")
+    apps: list[App] = []
+    for index, item in enumerate(apps_raw):
+        apps.append(_parse_app(_Section(item, file, f"apps[{index}]"), file, upstream.base_url))
+    seen: set[str] = set()
+    for index, app in enumerate(apps):
+        if app.name in seen:
+            raise ConfigError(file, f"apps[{index}].name", f"duplicate app name {app.name!r}")
+        seen.add(app.name)
+    top.done()
+
+    return Config(
+        source=file, listen=listen, admin=admin, upstream=upstream, store=store,
+        refresh_errcodes=refresh_errcodes, pass_token_errors=pass_token_errors,
+        max_body_bytes=max_body_bytes, apps=tuple(apps),
+    )
+
+
+def _parse_app(sec: _Section, file: str, global_upstream: str) -> App:
+    name = sec.get("name", _str(file))
+    if not APP_NAME_RE.match(name):
+        raise ConfigError(file, sec.path("name"), f"{name!r} must be letters, digits, '.', '_' or '-' (it is a URL path segment)")
+    if name.lower() in RESERVED_APP_NAMES:
+        raise ConfigError(file, sec.path("name"), f"{name!r} collides with a WeChat path root; pick another name")
+    appid = sec.get("appid", _str(file))
+    token_api = sec.get("token_api", _str(file), "stable")
+    if token_api not in TOKEN_APIS:
+        raise ConfigError(file, sec.path("token_api"), f"must be one of {', '.join(TOKEN_APIS)}, got {token_api!r}")
+
+    has_secret, has_file = "secret" in sec.data, "secret_file" in sec.data
+    if has_secret == has_file:
+        raise ConfigError(file, sec.path("secret"), "give exactly one of secret or secret_file")
+    if has_secret:
+        secret = sec.get("secret", _str(file))
+    else:
+        secret_path = sec.get("secret_file", _str(file))
+        try:
+            secret = Path(secret_path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(file, sec.path("secret_file"), f"cannot read {secret_path}: {exc.__class__.__name__}") from None
+        if not secret:
+            raise ConfigError(file, sec.path("secret_file"), f"{secret_path} is empty")
+
+    # The global upstream is WeChat's API host; WeCom apps default to their own.
+    default_upstream = global_upstream
+    if token_api == "wecom" and global_upstream == DEFAULT_UPSTREAMS["stable"]:
+        default_upstream = DEFAULT_UPSTREAMS["wecom"]
+    upstream = sec.get("upstream", _url(file), default_upstream)
+    refresh_before_s = sec.get("refresh_before_s", _number(file, float, 0, 7000), DEFAULT_REFRESH_BEFORE_S)
+    min_interval = sec.get("min_refresh_interval_s", _number(file, float, 0, 3600), DEFAULT_MIN_REFRESH_INTERVAL_S)
+    sec.done()
+    return App(
+        name=name, appid=appid, secret=secret, token_api=token_api,
+        refresh_before_s=refresh_before_s, upstream=upstream,
+        min_refresh_interval_s=min_interval,
+    )
+
+
+def resolve_path(cli_path: str | None) -> str:
+    """--config, else $SIDECAR_CONFIG, else ./config.yaml (DESIGN.md)."""
+    return cli_path or os.environ.get("SIDECAR_CONFIG") or "config.yaml"

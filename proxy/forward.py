@@ -1,0 +1,374 @@
+"""One proxied call: pick the app, inject its token, send, sniff the answer for
+a token errcode, replay once after invalidating, stream the answer back.
+
+request -> route -> token -> upstream -> answer
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, istr
+from yarl import URL
+
+from .config import App, Config
+from .tokens import Token, TokenManager, TokenUnavailable
+
+log = logging.getLogger("proxy.forward")
+access_log = logging.getLogger("proxy.access")
+
+# Error answers are small JSON ({"errcode", "errmsg"} plus a rid); binary
+# endpoints answer errors as JSON too (wechat-api-notes.md §6). Answers up to
+# this size are buffered and inspected; larger ones cannot be token errors and
+# stream through untouched. WxJava sniffs at 215 bytes; we keep a wide margin.
+SNIFF_LIMIT = 64 * 1024
+
+# Streaming chunk size for binary answers (media up to 20 MB, §6/§7).
+STREAM_CHUNK = 64 * 1024
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) and ours: never forwarded either way.
+# Content-Length is recomputed for the bytes actually sent.
+HOP_BY_HOP = frozenset(istr(h) for h in (
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
+    "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
+    "Host", "Content-Length", "X-WeChat-App",
+))
+
+# aiohttp's client would add these when absent; the upstream must see only
+# what the app sent.
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+# Paths that carry other credentials and must never get the app token
+# (wechat-api-notes.md §5): user OAuth tokens, appid+secret, component tokens.
+NO_TOKEN_PREFIXES = (
+    "/sns/",
+    "/cgi-bin/component/",
+    "/cgi-bin/clear_quota/v2",
+    "/cgi-bin/service/get_suite_token",
+    "/cgi-bin/service/get_provider_token",
+    "/cgi-bin/service/get_corp_token",
+    "/cgi-bin/service/miniprogram/jscode2session",
+)
+
+JSON_TYPES = ("application/json", "text/plain", "text/json")
+
+SIDECAR_ERRCODE_HEADER = "X-Sidecar-Upstream-Errcode"
+
+
+def sidecar_error(status: int, why: str, headers: dict[str, str] | None = None) -> web.Response:
+    """An error made by the sidecar itself, in WeChat's shape (DESIGN.md)."""
+    body = json.dumps({"errcode": -1, "errmsg": f"sidecar: {why}"}, ensure_ascii=False).encode()
+    return web.Response(status=status, body=body, headers={
+        "Content-Type": "application/json; charset=utf-8", **(headers or {})})
+
+
+def strip_access_token(raw_query: str) -> str:
+    """Drop every `access_token` parameter, keeping the rest byte for byte."""
+    if "access" not in raw_query and "%" not in raw_query:
+        return raw_query
+    kept = [part for part in raw_query.split("&")
+            if part and unquote(part.split("=", 1)[0]) != "access_token"]
+    return "&".join(kept)
+
+
+def with_token(raw_query: str, token: str) -> str:
+    rest = strip_access_token(raw_query)
+    param = "access_token=" + quote(token, safe="")
+    return f"{rest}&{param}" if rest else param
+
+
+@dataclass
+class _Answer:
+    """An upstream answer with its first bytes read; `complete` when that is all."""
+    resp: aiohttp.ClientResponse
+    head: bytes
+    complete: bool
+    errcode: int | None
+    errmsg: str
+
+
+class Forwarder:
+    def __init__(self, config: Config, managers: dict[str, TokenManager],
+                 session: aiohttp.ClientSession):
+        self.config = config
+        self.managers = managers
+        self.session = session
+        self.apps = {app.name: app for app in config.apps}
+        self.default_app = config.apps[0]
+        self.refresh_errcodes = config.refresh_errcodes
+
+    # ------------------------------------------------------------ routing
+
+    def route(self, request: web.Request) -> tuple[App, str] | web.Response:
+        """(app, upstream path) by path prefix, else X-WeChat-App, else the default app."""
+        raw_path = request.rel_url.raw_path
+        _, _, rest = raw_path.partition("/")
+        first, slash, tail = rest.partition("/")
+        app = self.apps.get(first)
+        if app is not None:
+            return app, "/" + tail
+        header = request.headers.get("X-WeChat-App")
+        if header is not None:
+            app = self.apps.get(header.strip())
+            if app is None:
+                return sidecar_error(400, f"unknown app {header.strip()[:64]!r} in X-WeChat-App "
+                                          f"(configured: {', '.join(self.apps)})")
+            return app, raw_path
+        return self.default_app, raw_path
+
+    # ------------------------------------------------------------ entry point
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+        outcome: dict[str, Any] = {"replayed": False, "errcode": None}
+        routed = self.route(request)
+        if isinstance(routed, web.Response):
+            response: web.StreamResponse = routed
+            app_name = None
+        else:
+            app, path = routed
+            app_name = app.name
+            response = await self._handle(request, app, path, outcome)
+        access_log.info("%s %s -> %s", request.method, request.path, response.status, extra={
+            "app": app_name, "request_id": request_id, "method": request.method,
+            "path": request.path, "status": response.status, "errcode": outcome["errcode"],
+            "replayed": outcome["replayed"], "duration_s": round(time.monotonic() - started, 4)})
+        return response
+
+    async def _handle(self, request: web.Request, app: App, path: str,
+                      outcome: dict[str, Any]) -> web.StreamResponse:
+        manager = self.managers[app.name]
+        local = await self._answer_locally(request, app, manager, path)
+        if local is not None:
+            return local
+
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return sidecar_error(413, f"request body over {self.config.max_body_bytes} bytes")
+        headers = self._upstream_headers(request)
+        raw_query = request.rel_url.raw_query_string
+        base = app.upstream + path
+
+        if path.startswith(NO_TOKEN_PREFIXES):
+            # Pass-through: the call carries its own credentials (§5).
+            url = URL(f"{base}?{raw_query}" if raw_query else base, encoded=True)
+            return await self._exchange(request, url, headers, body, outcome, token=None,
+                                        manager=None, app=app, path=path)
+
+        try:
+            token = manager.current() or await manager.get()
+        except TokenUnavailable as exc:
+            return sidecar_error(503, str(exc))
+        url = URL(f"{base}?{with_token(raw_query, token.value)}", encoded=True)
+        return await self._exchange(request, url, headers, body, outcome, token=token,
+                                    manager=manager, app=app, path=path, base=base, raw_query=raw_query)
+
+    async def _exchange(self, request: web.Request, url: URL, headers: CIMultiDict[str],
+                        body: bytes, outcome: dict[str, Any], *, token: Token | None,
+                        manager: TokenManager | None, app: App, path: str,
+                        base: str = "", raw_query: str = "") -> web.StreamResponse:
+        try:
+            answer = await self._send(request.method, url, headers, body)
+        except _UpstreamFailed as exc:
+            return exc.response
+
+        if token is None or manager is None or answer.errcode not in self.refresh_errcodes:
+            outcome["errcode"] = answer.errcode
+            return await self._relay(request, answer)
+
+        # Token error: invalidate exactly the token we used, replay once.
+        first_code = answer.errcode
+        answer.resp.release()
+        try:
+            fresh = await manager.invalidate(token.value)
+        except TokenUnavailable as exc:
+            outcome["errcode"] = first_code
+            return sidecar_error(503, f"token rejected ({first_code}) and no fresh token: {exc}",
+                                 {SIDECAR_ERRCODE_HEADER: str(first_code)})
+        outcome["replayed"] = True
+        url = URL(f"{base}?{with_token(raw_query, fresh.value)}", encoded=True)
+        try:
+            answer = await self._send(request.method, url, headers, body)
+        except _UpstreamFailed as exc:
+            return exc.response
+        outcome["errcode"] = answer.errcode
+        if answer.errcode not in self.refresh_errcodes:
+            return await self._relay(request, answer)
+
+        # A second token failure. Never hand 40001/42001/40014 back by default:
+        # SDKs would fetch a token themselves and rotate everyone's (DESIGN.md).
+        manager.reject(fresh.value)
+        if self.config.pass_token_errors:
+            return await self._relay(request, answer)
+        answer.resp.release()
+        return sidecar_error(503, f"token rejected after refresh ({answer.errcode}: {answer.errmsg})",
+                             {SIDECAR_ERRCODE_HEADER: str(answer.errcode)})
+
+    # ------------------------------------------------------------ local answers
+
+    async def _answer_locally(self, request: web.Request, app: App, manager: TokenManager,
+                              path: str) -> web.StreamResponse | None:
+        """SDKs that insist on fetching a token get the shared one, never a
+        fetch of their own that would invalidate it (DESIGN.md)."""
+        method = request.method
+        if path == "/cgi-bin/token" and method == "GET":
+            wecom = False
+        elif path == "/cgi-bin/stable_token" and method == "POST":
+            wecom = False
+        elif path == "/cgi-bin/gettoken" and method == "GET" and app.token_api == "wecom":
+            wecom = True
+        else:
+            return None
+        force = False
+        if path == "/cgi-bin/stable_token":
+            try:
+                data = json.loads(await request.read() or b"{}")
+                force = isinstance(data, dict) and data.get("force_refresh") is True
+            except (ValueError, web.HTTPRequestEntityTooLarge):
+                pass
+        try:
+            token = manager.current() or await manager.get()
+            if force:
+                token = await manager.invalidate(token.value)
+        except TokenUnavailable as exc:
+            return sidecar_error(503, str(exc))
+        left = max(1, int(token.remaining(time.monotonic())))
+        payload: dict[str, Any] = {"access_token": token.value, "expires_in": left}
+        if wecom:
+            payload = {"errcode": 0, "errmsg": "ok", **payload}
+        return web.Response(body=json.dumps(payload).encode(),
+                            headers={"Content-Type": "application/json; charset=utf-8",
+                                     "Cache-Control": "no-store"})
+
+    # ------------------------------------------------------------ upstream
+
+    @staticmethod
+    def _upstream_headers(request: web.Request) -> CIMultiDict[str]:
+        named_by_connection = {istr(h.strip()) for h in request.headers.get("Connection", "").split(",") if h.strip()}
+        return CIMultiDict((k, v) for k, v in request.headers.items()
+                           if k not in HOP_BY_HOP and k not in named_by_connection)
+
+    async def _send(self, method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> _Answer:
+        try:
+            resp = await self.session.request(
+                method, url, headers=headers, data=body if body else None,
+                allow_redirects=False, skip_auto_headers=SKIP_AUTO_HEADERS)
+        except asyncio.TimeoutError:
+            raise _UpstreamFailed(sidecar_error(504, f"upstream timed out after {self.config.upstream.timeout_s:g} s")) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise _UpstreamFailed(sidecar_error(502, f"cannot connect to upstream {exc.host}:{exc.port}")) from None
+        except aiohttp.ClientError as exc:
+            raise _UpstreamFailed(sidecar_error(502, f"upstream failed ({exc.__class__.__name__})")) from None
+        try:
+            return await self._inspect(resp)
+        except asyncio.TimeoutError:
+            resp.release()
+            raise _UpstreamFailed(sidecar_error(504, f"upstream timed out after {self.config.upstream.timeout_s:g} s")) from None
+        except aiohttp.ClientError as exc:
+            resp.release()
+            raise _UpstreamFailed(sidecar_error(502, f"upstream failed ({exc.__class__.__name__})")) from None
+
+    async def _inspect(self, resp: aiohttp.ClientResponse) -> _Answer:
+        length = resp.content_length
+        if length is not None and length > SNIFF_LIMIT:
+            # Large answer: cannot be a token error; stream it untouched.
+            return _Answer(resp, b"", False, None, "")
+        # Small or unknown-length answer: buffer up to the limit and inspect.
+        head = bytearray()
+        while len(head) < SNIFF_LIMIT:
+            chunk = await resp.content.read(SNIFF_LIMIT - len(head))
+            if not chunk:
+                break
+            head += chunk
+        complete = len(head) < SNIFF_LIMIT or resp.content.at_eof()
+        data = bytes(head)
+        errcode, errmsg = None, ""
+        if complete and data:
+            errcode, errmsg = self._errcode(resp, data)
+        return _Answer(resp, data, complete, errcode, errmsg)
+
+    @staticmethod
+    def _errcode(resp: aiohttp.ClientResponse, data: bytes) -> tuple[int | None, str]:
+        """The errcode of a JSON answer: by Content-Type, or by a body that starts
+        with `{` whatever the type says (binary endpoints, §6)."""
+        encoding = resp.headers.get("Content-Encoding", "").lower()
+        if encoding in ("gzip", "deflate", "x-gzip"):
+            try:
+                # wbits 47: gzip or zlib header, detected; bounded output.
+                data = zlib.decompressobj(47).decompress(data, SNIFF_LIMIT)
+            except zlib.error:
+                return None, ""
+        elif encoding not in ("", "identity"):
+            return None, ""
+        if b"errcode" not in data:
+            return None, ""
+        ctype = resp.headers.get("Content-Type", "").lower()
+        if not (ctype.startswith(JSON_TYPES) or data.lstrip()[:1] == b"{"):
+            return None, ""
+        try:
+            parsed = json.loads(data)
+        except ValueError:
+            return None, ""
+        if not isinstance(parsed, dict):
+            return None, ""
+        code = parsed.get("errcode")
+        if isinstance(code, bool) or not isinstance(code, int):
+            return None, ""
+        return code, str(parsed.get("errmsg", ""))[:300]
+
+    # ------------------------------------------------------------ answer
+
+    @staticmethod
+    def _downstream_headers(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
+        return CIMultiDict((k, v) for k, v in resp.headers.items() if k not in HOP_BY_HOP)
+
+    async def _relay(self, request: web.Request, answer: _Answer) -> web.StreamResponse:
+        resp = answer.resp
+        headers = self._downstream_headers(resp)
+        if answer.complete:
+            # Small answer: already in hand; send it whole.
+            resp.release()
+            out = web.Response(status=resp.status, body=answer.head, headers=headers)
+            if "Content-Type" not in headers:
+                out.headers.popall("Content-Type", None)
+            return out
+        # Large or binary answer: stream through, never held in memory.
+        out = web.StreamResponse(status=resp.status, headers=headers)
+        if resp.content_length is not None:
+            out.content_length = resp.content_length
+        try:
+            await out.prepare(request)
+            if answer.head:
+                await out.write(answer.head)
+            async for chunk in resp.content.iter_chunked(STREAM_CHUNK):
+                await out.write(chunk)
+            await out.write_eof()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # The status line is gone already: cut the connection so the
+            # client sees a truncated answer rather than a silently short one.
+            log.warning("upstream failed mid-answer: %s", exc.__class__.__name__)
+            out.force_close()
+            if request.transport is not None:
+                request.transport.close()
+        except ConnectionResetError:
+            pass  # the app went away; nothing to tell it
+        finally:
+            resp.release()
+        return out
+
+
+class _UpstreamFailed(Exception):
+    def __init__(self, response: web.Response):
+        super().__init__(response.status)
+        self.response = response

@@ -1,0 +1,392 @@
+"""A WeChat API simulator for `demo` and the tests.
+
+It follows wechat-api-notes.md: `/cgi-bin/token` issues a new token on every
+call and leaves only the immediately previous one a grace window;
+`/cgi-bin/stable_token` returns the same token until its last
+`stable_window_s` seconds (force mode rotates it, 30 s apart, 20 a day);
+WeCom's `/cgi-bin/gettoken` returns the same token until expiry; daily quotas
+end in 45009; business calls check the token (41001 missing, 40001 invalid or
+superseded, 42001 expired) and echo what they received. Errors are JSON under
+a configurable Content-Type (binary endpoints answer errors as JSON too).
+
+Test controls live under `/_sim/` (a root WeChat does not have): settings,
+rotating a token as if another system fetched it, and counters.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import secrets
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
+
+from aiohttp import web
+
+DEMO_APPID = "wx5f0b1e2d3c4a0001"
+DEMO_SECRET = "demo-appsecret-0123456789abcdef"
+DEMO_CORPID = "ww5f0b1e2d3c4a0001"
+DEMO_CORPSECRET = "demo-corpsecret-0123456789abcdef"
+
+MEDIA_CHUNK = 64 * 1024
+
+
+@dataclass
+class SimSettings:
+    ttl_s: float = 7200.0            # token lifetime, "up to 7200" (§1.1)
+    grace_s: float = 300.0           # the previous token's grace after a re-fetch (§2)
+    stable_window_s: float = 300.0   # stable_token renews only in the last 300 s (§1.2)
+    force_spacing_s: float = 30.0    # stable force calls 30 s apart (§1.2)
+    force_daily_limit: int = 20      # stable force calls a day (§1.2)
+    token_daily_limit: int = 2000    # /cgi-bin/token a day (§3)
+    stable_daily_limit: int = 500000  # stable_token a day (§1.2)
+    wecom_daily_limit: int = 2000
+    latency_s: float = 0.0           # added to business calls
+    token_latency_s: float = 0.0     # added to token calls
+    token_fault: str = ""            # "", http500, busy, garbage, html, empty, no_token, absurd_expires, errcode:N
+    error_content_type: str = "application/json; encoding=utf-8"
+    reject_all: bool = False         # every business call answers 40001
+
+
+@dataclass
+class Issued:
+    value: str
+    api: str
+    key: str
+    issued_at: float
+    expires_at: float
+    dead_at: float = float("inf")    # when a re-fetch ended it (after any grace)
+
+
+def media_bytes(media_id: str, size: int) -> Any:
+    """The deterministic content of a media file, in chunks (tests hash it)."""
+    seed = hashlib.sha256(media_id.encode()).digest()
+    block = (seed * (MEDIA_CHUNK // len(seed) + 1))[:MEDIA_CHUNK]
+    sent = 0
+    counter = 0
+    while sent < size:
+        n = min(MEDIA_CHUNK, size - sent)
+        chunk = bytes([counter & 0xFF]) + block[1:n] if n > 1 else block[:n]
+        yield chunk
+        sent += n
+        counter += 1
+
+
+class WeChatSimulator:
+    def __init__(self, accounts: dict[str, str] | None = None,
+                 corps: dict[str, list[str]] | None = None,
+                 settings: SimSettings | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.accounts = dict(accounts or {DEMO_APPID: DEMO_SECRET})
+        self.corps = {k: list(v) for k, v in (corps or {DEMO_CORPID: [DEMO_CORPSECRET]}).items()}
+        self.settings = settings or SimSettings()
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens: dict[str, Issued] = {}
+        self.current: dict[str, Issued] = {}
+        self.history: dict[str, list[Issued]] = {}
+        self.fetches: dict[str, int] = {}          # "api:appid" -> token endpoint calls that issued or returned a token
+        self.fetch_attempts: dict[str, int] = {}   # "api:appid" -> every call to a token endpoint
+        self.daily: dict[str, int] = {}
+        self.last_force: dict[str, float] = {}
+        self.force_count: dict[str, int] = {}
+        self.calls: deque[dict[str, Any]] = deque(maxlen=20000)
+        self.business_calls = 0
+        self._ids = itertools.count(1)
+
+    # ------------------------------------------------------------ token bookkeeping
+
+    def _new_token(self, api: str, key: str, ttl: float | None = None) -> Issued:
+        now = self.clock()
+        value = f"SIM_{api[:2].upper()}_{next(self._ids)}_" + secrets.token_urlsafe(48)
+        issued = Issued(value=value, api=api, key=key, issued_at=now,
+                        expires_at=now + (self.settings.ttl_s if ttl is None else ttl))
+        self.tokens[value] = issued
+        self.current[key] = issued
+        self.history.setdefault(key, []).append(issued)
+        return issued
+
+    def _supersede(self, key: str, grace_s: float) -> None:
+        """A new token replaces the current one: only the immediately previous
+        token keeps a grace window; any older one dies now (§10)."""
+        now = self.clock()
+        previous = self.current.get(key)
+        for old in self.history.get(key, []):
+            if old is not previous:
+                old.dead_at = min(old.dead_at, now)
+        if previous is not None:
+            previous.dead_at = min(previous.dead_at, now + grace_s)
+        self.history[key] = [previous] if previous is not None else []
+
+    def rotate(self, appid: str, api: str = "stable", grace_s: float = 0.0) -> str:
+        """Another system fetched a token for this appid (test control)."""
+        key = f"{api}:{appid}"
+        self._supersede(key, grace_s)
+        return self._new_token(api, key).value
+
+    def token_error(self, value: str | None) -> tuple[int, str] | None:
+        if self.settings.reject_all and value:
+            return 40001, "invalid credential, access_token is invalid or not latest"
+        if not value:
+            return 41001, "access_token missing"
+        issued = self.tokens.get(value)
+        now = self.clock()
+        if issued is None or now >= issued.dead_at:
+            return 40001, "invalid credential, access_token is invalid or not latest"
+        if now >= issued.expires_at:
+            return 42001, "access_token expired"
+        return None
+
+    def fetch_count(self, api: str | None = None, appid: str | None = None) -> int:
+        return sum(n for k, n in self.fetches.items()
+                   if (api is None or k.split(":", 1)[0] == api)
+                   and (appid is None or k.split(":", 1)[1] == appid))
+
+    def attempt_count(self) -> int:
+        return sum(self.fetch_attempts.values())
+
+    def issued_tokens(self) -> list[str]:
+        return list(self.tokens)
+
+    # ------------------------------------------------------------ HTTP helpers
+
+    def _error(self, errcode: int, errmsg: str, status: int = 200, **extra: Any) -> web.Response:
+        rid = f"{secrets.token_hex(4)}-{secrets.token_hex(4)}-{secrets.token_hex(4)}"
+        body = {**extra, "errcode": errcode, "errmsg": f"{errmsg} rid: {rid}"}
+        return web.Response(status=status, body=json.dumps(body).encode(),
+                            headers={"Content-Type": self.settings.error_content_type})
+
+    @staticmethod
+    def _json(data: dict[str, Any]) -> web.Response:
+        return web.Response(body=json.dumps(data).encode(),
+                            headers={"Content-Type": "application/json; encoding=utf-8"})
+
+    def _token_answer(self, issued: Issued, wecom: bool = False) -> web.Response:
+        left = max(1, int(issued.expires_at - self.clock()))
+        body: dict[str, Any] = {"access_token": issued.value, "expires_in": left}
+        if wecom:
+            body = {"errcode": 0, "errmsg": "ok", **body}
+        return self._json(body)
+
+    async def _token_fault(self, key: str) -> web.StreamResponse | None:
+        self.fetch_attempts[key] = self.fetch_attempts.get(key, 0) + 1
+        if self.settings.token_latency_s:
+            await asyncio.sleep(self.settings.token_latency_s)
+        fault = self.settings.token_fault
+        if not fault:
+            return None
+        if fault == "http500":
+            return web.Response(status=500, text="Internal Server Error")
+        if fault == "busy":
+            return self._error(-1, "system error")
+        if fault == "garbage":
+            return web.Response(body=b"\x00\xff\x13garbage", content_type="application/octet-stream")
+        if fault == "html":
+            return web.Response(text="<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+        if fault == "empty":
+            return web.Response(body=b"", content_type="application/json")
+        if fault == "no_token":
+            return self._json({"expires_in": 7200})
+        if fault == "absurd_expires":
+            return self._json({"access_token": "X" * 40, "expires_in": -5})
+        if fault.startswith("errcode:"):
+            code = int(fault.split(":", 1)[1])
+            msg = {40164: "invalid ip 203.0.113.7 ipv6 ::ffff:203.0.113.7, not in whitelist",
+                   45009: "reach max api daily quota limit", 45011: "api minute-quota reach limit"
+                   }.get(code, "simulated error")
+            return self._error(code, msg)
+        return None
+
+    def _quota(self, key: str, limit: int) -> bool:
+        """Count one call against a daily quota; False when it is used up."""
+        used = self.daily.get(key, 0)
+        if used >= limit:
+            return False
+        self.daily[key] = used + 1
+        return True
+
+    # ------------------------------------------------------------ token endpoints
+
+    async def get_token(self, request: web.Request) -> web.StreamResponse:
+        q = request.query
+        appid = q.get("appid", "")
+        key = f"client_credential:{appid}"
+        fault = await self._token_fault(key)
+        if fault is not None:
+            return fault
+        if q.get("grant_type") != "client_credential":
+            return self._error(40002, "invalid grant_type")
+        if not appid:
+            return self._error(41002, "appid missing")
+        if not q.get("secret"):
+            return self._error(41004, "appsecret missing")
+        if appid not in self.accounts:
+            return self._error(40013, "invalid appid")
+        if not secrets.compare_digest(q["secret"], self.accounts[appid]):
+            return self._error(40125, "invalid appsecret")
+        if not self._quota(key, self.settings.token_daily_limit):
+            return self._error(45009, "reach max api daily quota limit, could get access_token by getStableAccessToken")
+        self.fetches[key] = self.fetches.get(key, 0) + 1
+        self._supersede(key, self.settings.grace_s)
+        return self._token_answer(self._new_token("client_credential", key))
+
+    async def stable_token(self, request: web.Request) -> web.StreamResponse:
+        if request.method != "POST":
+            return self._error(43002, "require POST method")
+        try:
+            body = await request.json()
+            assert isinstance(body, dict)
+        except Exception:
+            return self._error(47001, "data format error")
+        appid = str(body.get("appid", ""))
+        key = f"stable:{appid}"
+        fault = await self._token_fault(key)
+        if fault is not None:
+            return fault
+        if body.get("grant_type") != "client_credential":
+            return self._error(40002, "invalid grant_type")
+        if appid not in self.accounts:
+            return self._error(40013, "invalid appid")
+        if not secrets.compare_digest(str(body.get("secret", "")), self.accounts[appid]):
+            return self._error(40125, "invalid appsecret")
+        if not self._quota(key, self.settings.stable_daily_limit):
+            return self._error(45009, "reach max api daily quota limit")
+        now = self.clock()
+        current = self.current.get(key)
+        live = current is not None and now < current.dead_at and now < current.expires_at
+        self.fetches[key] = self.fetches.get(key, 0) + 1
+        if body.get("force_refresh") is True:
+            if live and now - self.last_force.get(key, -1e18) < self.settings.force_spacing_s:
+                return self._token_answer(current)  # too soon: nothing is refreshed
+            if self.force_count.get(key, 0) >= self.settings.force_daily_limit:
+                return self._error(45009, "reach max api daily quota limit")
+            self.force_count[key] = self.force_count.get(key, 0) + 1
+            self.last_force[key] = now
+            self._supersede(key, self.settings.grace_s)
+            return self._token_answer(self._new_token("stable", key))
+        if live and current.expires_at - now > self.settings.stable_window_s:
+            return self._token_answer(current)
+        # Last window of the old token: a new one, and the old one works on
+        # until its own expiry (§1.2: both valid for those minutes).
+        return self._token_answer(self._new_token("stable", key))
+
+    async def wecom_gettoken(self, request: web.Request) -> web.StreamResponse:
+        corpid, corpsecret = request.query.get("corpid", ""), request.query.get("corpsecret", "")
+        key = f"wecom:{corpid}:{hashlib.sha256(corpsecret.encode()).hexdigest()[:16]}"
+        fault = await self._token_fault(key)
+        if fault is not None:
+            return fault
+        if corpid not in self.corps:
+            return self._error(40013, "invalid corpid")
+        if corpsecret not in self.corps[corpid]:
+            return self._error(40001, "invalid secret")
+        if not self._quota(key, self.settings.wecom_daily_limit):
+            return self._error(45009, "api freq out of limit")
+        self.fetches[key] = self.fetches.get(key, 0) + 1
+        now = self.clock()
+        current = self.current.get(key)
+        if current is not None and now < current.dead_at and now < current.expires_at:
+            return self._token_answer(current, wecom=True)  # same token until expiry (§8)
+        return self._token_answer(self._new_token("wecom", key), wecom=True)
+
+    # ------------------------------------------------------------ business endpoints
+
+    async def _record(self, request: web.Request, body: bytes, error: tuple[int, str] | None) -> None:
+        self.business_calls += 1
+        self.calls.append({
+            "method": request.method, "path": request.path, "query": request.query_string,
+            "access_token": request.query.getall("access_token", []),
+            "body_sha256": hashlib.sha256(body).hexdigest(), "body_len": len(body),
+            "errcode": error[0] if error else 0,
+        })
+
+    async def business(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if self.settings.latency_s:
+            await asyncio.sleep(self.settings.latency_s)
+        path = request.path
+        user_token_path = path.startswith("/sns/")
+        error = None if user_token_path else self.token_error(request.query.get("access_token"))
+        await self._record(request, body, error)
+        if error is not None:
+            return self._error(*error)
+        if path == "/cgi-bin/media/get":
+            return await self._media(request)
+        if path in ("/wxa/getwxacodeunlimit", "/wxa/getwxacode", "/cgi-bin/wxaapp/createwxaqrcode"):
+            return web.Response(body=b"\xff\xd8\xff\xe0" + hashlib.sha256(body).digest() * 64,
+                                content_type="image/jpeg")
+        if path == "/cgi-bin/media/upload":
+            return await self._upload(request, body)
+        return self._json({
+            "errcode": 0, "errmsg": "ok", "method": request.method, "path": path,
+            "query": request.query_string,
+            "access_token": request.query.getall("access_token", []),
+            "headers": {k: v for k, v in request.headers.items()},
+            "body_sha256": hashlib.sha256(body).hexdigest(), "body_len": len(body),
+            "body": body.decode("utf-8", "replace") if len(body) <= 4096 else None,
+        })
+
+    async def _media(self, request: web.Request) -> web.StreamResponse:
+        media_id = request.query.get("media_id", "media")
+        size = int(request.query.get("size", "65536"))
+        resp = web.StreamResponse(headers={
+            "Content-Type": "image/jpeg",
+            "Content-Disposition": f'attachment; filename="{media_id}.jpg"'})
+        resp.content_length = size
+        await resp.prepare(request)
+        for chunk in media_bytes(media_id, size):
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    async def _upload(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        if not request.content_type.startswith("multipart/form-data"):
+            return self._error(41005, "media data missing")
+        media_type = request.query.get("type", "image")
+        return self._json({"type": media_type, "media_id": f"MEDIA_{hashlib.sha256(body).hexdigest()[:24]}",
+                           "created_at": int(time.time())})
+
+    # ------------------------------------------------------------ test controls
+
+    async def ctl_settings(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            changes = await request.json()
+            known = {f.name: f.type for f in fields(SimSettings)}
+            for name, value in changes.items():
+                if name not in known:
+                    return web.json_response({"error": f"unknown setting {name}"}, status=400)
+                setattr(self.settings, name, value)
+        return web.json_response(asdict(self.settings))
+
+    async def ctl_rotate(self, request: web.Request) -> web.Response:
+        appid = request.query.get("appid", next(iter(self.accounts)))
+        api = request.query.get("api", "stable")
+        grace = float(request.query.get("grace_s", "0"))
+        self.rotate(appid, api, grace)
+        return web.json_response({"rotated": f"{api}:{appid}"})
+
+    async def ctl_stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"fetches": self.fetches, "fetch_attempts": self.fetch_attempts,
+                                  "business_calls": self.business_calls})
+
+    async def ctl_reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"reset": True})
+
+    def app(self) -> web.Application:
+        # Uploads up to WeCom's 20 MB file plus multipart overhead (§7).
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("GET", "/cgi-bin/token", self.get_token)
+        app.router.add_route("*", "/cgi-bin/stable_token", self.stable_token)
+        app.router.add_route("GET", "/cgi-bin/gettoken", self.wecom_gettoken)
+        app.router.add_route("*", "/_sim/settings", self.ctl_settings)
+        app.router.add_route("POST", "/_sim/rotate", self.ctl_rotate)
+        app.router.add_route("GET", "/_sim/stats", self.ctl_stats)
+        app.router.add_route("POST", "/_sim/reset", self.ctl_reset)
+        app.router.add_route("*", "/{tail:.*}", self.business)
+        return app

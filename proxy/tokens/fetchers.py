@@ -1,0 +1,151 @@
+"""Where a token comes from: one fetcher per WeChat token API.
+
+A fetcher knows one endpoint's request and answer shape and nothing about
+caching or timing. Adding a token source means adding a class here.
+Nothing here may put the secret into an exception or a log line: the request
+URL of /cgi-bin/token carries it, so no URL is ever formatted into a message.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+from ..config import App
+from .policy import FailureKind, classify
+
+# A token answer is a few hundred bytes; anything longer is not one.
+MAX_ANSWER_BYTES = 64 * 1024
+
+# WeChat says "a value up to 7200" (wechat-api-notes.md §1.1); allow some
+# slack for a future change, but refuse nonsense that would pin a token forever.
+MAX_EXPIRES_IN_S = 86400
+
+
+@dataclass(frozen=True)
+class Fetched:
+    value: str
+    expires_in: float
+
+
+class FetchError(Exception):
+    def __init__(self, kind: FailureKind, errcode: int | None, message: str):
+        super().__init__(message)
+        self.kind, self.errcode, self.message = kind, errcode, message
+
+
+class Fetcher(Protocol):
+    api: str
+
+    async def fetch(self, force: bool = False) -> Fetched: ...
+
+
+class _HttpFetcher:
+    api = ""
+    path = ""
+
+    def __init__(self, app: App, session: aiohttp.ClientSession, timeout_s: float):
+        self.app = app
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.url = app.upstream + self.path
+
+    def request_kwargs(self, force: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def fetch(self, force: bool = False) -> Fetched:
+        try:
+            async with self.session.request(timeout=self.timeout, allow_redirects=False,
+                                            **self.request_kwargs(force)) as resp:
+                body = await resp.content.read(MAX_ANSWER_BYTES + 1)
+                status = resp.status
+        except asyncio.TimeoutError:
+            raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: timed out") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise FetchError(FailureKind.TRANSIENT, None,
+                             f"{self.api}: cannot connect to {exc.host}:{exc.port} ({exc.os_error.strerror or exc.os_error})") from None
+        except aiohttp.ClientError as exc:
+            raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: {exc.__class__.__name__}") from None
+        return self.parse(status, body)
+
+    def parse(self, status: int, body: bytes) -> Fetched:
+        if status >= 400:
+            raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: HTTP {status}")
+        if len(body) > MAX_ANSWER_BYTES:
+            raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: answer too long to be a token")
+        try:
+            data = json.loads(body)
+        except ValueError:
+            preview = body[:60].decode("utf-8", "replace").replace("\n", " ")
+            raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: answer is not JSON: {preview!r}") from None
+        if not isinstance(data, dict):
+            raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: answer is not a JSON object")
+        errcode = data.get("errcode", 0)
+        if errcode not in (0, None):
+            errmsg = str(data.get("errmsg", ""))[:300]
+            code = errcode if isinstance(errcode, int) else None
+            raise FetchError(classify(code), code, f"{self.api}: {errmsg}")
+        value = data.get("access_token")
+        if not isinstance(value, str) or not value or len(value) > 4096 or not value.isprintable():
+            raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: answer has no usable access_token")
+        expires_in = data.get("expires_in")
+        if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) or not 0 < expires_in <= MAX_EXPIRES_IN_S:
+            raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: absurd expires_in {str(expires_in)[:20]!r}")
+        return Fetched(value=value, expires_in=float(expires_in))
+
+
+class ClientCredentialFetcher(_HttpFetcher):
+    """GET /cgi-bin/token: every call invalidates the previous token after a
+    5-minute grace (wechat-api-notes.md §1.1, §2); `force` changes nothing."""
+    api = "client_credential"
+    path = "/cgi-bin/token"
+
+    def request_kwargs(self, force: bool) -> dict[str, Any]:
+        return {"method": "GET", "url": self.url, "params": {
+            "grant_type": "client_credential", "appid": self.app.appid, "secret": self.app.secret}}
+
+
+class StableFetcher(_HttpFetcher):
+    """POST /cgi-bin/stable_token: normal mode returns the same token until its
+    last 300 s; force mode rotates it, at most 20 a day, 30 s apart (§1.2)."""
+    api = "stable"
+    path = "/cgi-bin/stable_token"
+
+    def request_kwargs(self, force: bool) -> dict[str, Any]:
+        body = {"grant_type": "client_credential", "appid": self.app.appid,
+                "secret": self.app.secret, "force_refresh": bool(force)}
+        return {"method": "POST", "url": self.url, "json": body}
+
+
+class WeComFetcher(_HttpFetcher):
+    """GET /cgi-bin/gettoken on qyapi: per (corpid, agent secret) token; the
+    success answer carries errcode 0 (wechat-api-notes.md §8)."""
+    api = "wecom"
+    path = "/cgi-bin/gettoken"
+
+    def request_kwargs(self, force: bool) -> dict[str, Any]:
+        return {"method": "GET", "url": self.url,
+                "params": {"corpid": self.app.appid, "corpsecret": self.app.secret}}
+
+    def parse(self, status: int, body: bytes) -> Fetched:
+        try:
+            return super().parse(status, body)
+        except FetchError as exc:
+            # In WeCom 40001 / 40091 are bad secrets, 40014 / 42001 bad tokens.
+            if exc.errcode in (40014, 42001):
+                raise FetchError(FailureKind.TRANSIENT, exc.errcode, exc.message) from None
+            raise
+
+
+FETCHERS: dict[str, type[_HttpFetcher]] = {
+    "client_credential": ClientCredentialFetcher,
+    "stable": StableFetcher,
+    "wecom": WeComFetcher,
+}
+
+
+def make_fetcher(app: App, session: aiohttp.ClientSession, timeout_s: float) -> Fetcher:
+    return FETCHERS[app.token_api](app, session, timeout_s)

@@ -1,0 +1,239 @@
+"""TokenManager: one app's token, fetched once, refreshed ahead, invalidated
+only if still current, with never more than one fetch in flight.
+
+The decisions live in `TokenState` (pure); this class adds the event loop:
+a background refresher, a single-flight fetch task, and waiters on it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Callable
+
+from ..config import App
+from .fetchers import Fetcher, FetchError
+from .policy import FailureKind, Token, TokenState
+from .store import TokenStore
+
+log = logging.getLogger("proxy.tokens")
+
+# stable_token force mode: consecutive force calls must be 30 s apart or
+# nothing is refreshed (wechat-api-notes.md §1.2).
+STABLE_FORCE_SPACING_S = 30.0
+
+# A caller waits for a scheduled refresh at most this long; past that it gets
+# a clear 503 at once rather than hanging until the app's own timeout.
+MAX_CALLER_WAIT_S = 5.0
+
+
+class TokenUnavailable(Exception):
+    """No usable token for an app; the message says why, for the operator."""
+
+
+class TokenManager:
+    def __init__(self, app: App, fetcher: Fetcher, store: TokenStore, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time,
+                 rng: Callable[[], float] = random.random):
+        self.app = app
+        self.fetcher = fetcher
+        self.store = store
+        self.clock, self.wall, self.rng = clock, wall, rng
+        self.state = TokenState(app.refresh_before_s, app.min_refresh_interval_s)
+        self.refreshes: dict[str, int] = {}
+        self._inflight: asyncio.Task[None] | None = None
+        self._inflight_starts_at = 0.0
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._last_force_at = -STABLE_FORCE_SPACING_S
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run(), name=f"token-refresher:{self.app.name}")
+
+    async def close(self) -> None:
+        for task in (self._runner, self._inflight):
+            if task is not None and not task.done():
+                task.cancel()
+        for task in (self._runner, self._inflight):
+            if task is not None:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._runner = self._inflight = None
+
+    async def _run(self) -> None:
+        """Background refresher: fetch at start-up, then `refresh_before_s`
+        ahead of expiry, retrying failures after the backoff the state says."""
+        while True:
+            now = self.clock()
+            due = self.state.next_fetch_at()
+            if due > now and self._inflight is None:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=due - now)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            if self._inflight is not None:
+                await asyncio.wait({self._inflight})
+                continue
+            if self.state.failures:
+                await self._refresh("retry")
+            elif self.state.token is None:
+                await self._refresh("startup")
+            else:
+                await self._refresh("proactive")
+
+    # ------------------------------------------------------------ request path
+
+    def current(self) -> Token | None:
+        """The token to use now, or None when there is no usable one.
+        Synchronous: the request path pays for nothing when the token is good."""
+        now = self.clock()
+        return self.state.token if self.state.usable(now) else None
+
+    async def get(self) -> Token:
+        """A usable token, fetching on the request's path only if there is none."""
+        token = self.current()
+        if token is not None:
+            return token
+        return await self._wait_for_token("demand")
+
+    async def invalidate(self, bad_token: str) -> Token:
+        """WeChat rejected `bad_token`. Refresh only if it is still the current
+        token; callers that hold an already-replaced one get the new one free."""
+        if self.state.reject(bad_token):
+            log.warning("token rejected by WeChat; refreshing", extra={"app": self.app.name})
+            return await self._wait_for_token("errcode")
+        token = self.current()
+        if token is not None:
+            return token
+        return await self._wait_for_token("errcode")
+
+    def reject(self, bad_token: str) -> None:
+        """WeChat refused a token we had just fetched: mark it so the next caller
+        refreshes (within the forced-refresh budget), without making this caller wait."""
+        if self.state.reject(bad_token):
+            log.warning("fresh token rejected by WeChat too; another system may be "
+                        "fetching tokens for this appid", extra={"app": self.app.name})
+            self._wake.set()
+
+    async def refresh_now(self) -> Token:
+        """The passive refresh interface (admin): fetch now, coalesced with any
+        fetch under way; overrides a backoff, not the forced-refresh budget."""
+        if self._inflight is None:
+            self.state.clear_backoff()
+            self._start_refresh("admin", use_store=False)
+        return await self._wait_for_token("admin")
+
+    async def _wait_for_token(self, reason: str) -> Token:
+        if self._inflight is None:
+            if self.state.retry_at > self.clock():
+                raise TokenUnavailable(self._reason())
+            self._start_refresh(reason)
+        assert self._inflight is not None
+        wait = self._inflight_starts_at - self.clock()
+        if wait > MAX_CALLER_WAIT_S:
+            raise TokenUnavailable(f"{self._reason()}; next refresh in {wait:.0f} s "
+                                   f"(forced refreshes are limited to protect the daily quota)")
+        await asyncio.shield(self._inflight)
+        token = self.current()
+        if token is None:
+            raise TokenUnavailable(self._reason())
+        return token
+
+    def _reason(self) -> str:
+        return f"app {self.app.name}: {self.state.unavailable_reason(self.clock())}"
+
+    # ------------------------------------------------------------ fetching
+
+    def _start_refresh(self, reason: str, use_store: bool = True) -> asyncio.Task[None]:
+        if self._inflight is None:
+            now = self.clock()
+            forced = reason in ("errcode", "admin") or self.state.rejected is not None
+            not_before = self.state.forced_fetch_at(now) if forced else max(now, self.state.retry_at)
+            self._inflight_starts_at = not_before
+            self._inflight = asyncio.create_task(self._fetch(reason, not_before, forced, use_store),
+                                                 name=f"token-fetch:{self.app.name}")
+            self._inflight.add_done_callback(self._fetch_done)
+        return self._inflight
+
+    def _fetch_done(self, task: asyncio.Task[None]) -> None:
+        if self._inflight is task:
+            self._inflight = None
+        self._wake.set()
+
+    async def _refresh(self, reason: str) -> None:
+        await asyncio.shield(self._start_refresh(reason))
+
+    async def _fetch(self, reason: str, not_before: float, forced: bool, use_store: bool) -> None:
+        delay = not_before - self.clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.refreshes[reason] = self.refreshes.get(reason, 0) + 1
+        rejected = self.state.rejected
+
+        # Someone else (another app entry, another replica) may hold a newer token.
+        shared = await self.store.load(self.app.store_key) if use_store else None
+        if shared is not None and shared != self.state.token and shared.value != rejected \
+                and self.clock() < shared.expires_at - self.app.refresh_before_s:
+            self.state.on_adopted(shared)
+            return
+
+        if forced:
+            self.state.spend_forced(self.clock())
+        started = self.clock()
+        try:
+            fetched = await self.fetcher.fetch()
+            if rejected is not None and fetched.value == rejected and self._may_force():
+                # stable_token normal mode handed back the token WeChat just
+                # refused: only force mode replaces it (wechat-api-notes.md §1.2).
+                self._last_force_at = self.clock()
+                log.warning("WeChat returned the rejected token again; forcing a new one",
+                            extra={"app": self.app.name})
+                fetched = await self.fetcher.fetch(force=True)
+        except FetchError as exc:
+            failure = self.state.on_failed(exc.kind, exc.errcode, exc.message,
+                                           self.clock(), self.wall(), self.rng)
+            level = logging.ERROR if exc.kind is not FailureKind.TRANSIENT else logging.WARNING
+            log.log(level, "token fetch failed: %s; next try in %.0f s",
+                    failure.describe(), max(0.0, self.state.retry_at - self.clock()),
+                    extra={"app": self.app.name, "errcode": exc.errcode, "reason": reason,
+                           "failure": exc.kind.value})
+            return
+        token = self.state.on_fetched(fetched.value, fetched.expires_in, self.clock())
+        await self.store.save(self.app.store_key, token)
+        log.info("token fetched (%s), expires in %.0f s", reason, fetched.expires_in,
+                 extra={"app": self.app.name, "reason": reason,
+                        "duration_s": round(self.clock() - started, 4)})
+
+    def _may_force(self) -> bool:
+        return (self.app.token_api == "stable"
+                and self.clock() - self._last_force_at >= STABLE_FORCE_SPACING_S)
+
+    # ------------------------------------------------------------ reporting
+
+    def status(self) -> dict[str, object]:
+        now = self.clock()
+        token = self.state.token
+        failure = self.state.last_failure
+        return {
+            "name": self.app.name,
+            "appid": self.app.appid,
+            "token_api": self.app.token_api,
+            "usable": self.state.usable(now),
+            "token_age_s": round(now - token.fetched_at, 1) if token else None,
+            "expires_in_s": round(token.expires_at - now, 1) if token else None,
+            "last_fetch": ("ok" if failure is None or (token and token.fetched_at > failure.at)
+                           else failure.describe()),
+            "fetches_ok": self.state.fetches_ok,
+            "fetches_failed": self.state.fetches_failed,
+            "refreshes": dict(self.refreshes),
+            "next_retry_in_s": round(max(0.0, self.state.retry_at - now), 1) if self.state.retry_at else None,
+        }

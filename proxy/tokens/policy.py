@@ -1,0 +1,217 @@
+"""The token decisions as pure code: no I/O, no event loop, every time passed in.
+
+`TokenState` answers "is this token usable", "when must I refresh", "may I fetch
+now", and records what a fetch brought. The async `TokenManager` asks it and
+does the talking; tests drive it with plain numbers for a clock.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+# A token is not handed out in its last seconds: a call that leaves now must
+# still arrive while the token lives.
+EXPIRY_MARGIN_S = 3.0
+
+# Backoff for transient fetch failures: WxJava waits 1 s, 2 s, 4 s ... between
+# tries (wechat-api-notes.md §4, errcode -1). We keep doubling up to a cap so a
+# long outage costs one try a minute, not a hot loop.
+BACKOFF_BASE_S = 1.0
+BACKOFF_CAP_S = 60.0
+
+# Credential errors (bad appid/secret, IP not whitelisted, frozen secret) do
+# not heal by retrying; an operator has to act. Retry rarely so the fix is
+# picked up without a restart, and never hammer (wechat-api-notes.md §4).
+CREDENTIAL_RETRY_S = 300.0
+
+# Risk-control blocks name their own length (wechat-api-notes.md §1.1):
+# 89507 blocks the IP for 1 h, 89506 for 24 h. No retry inside the block.
+BLOCK_RETRY_S = {89507: 3600.0, 89506: 86400.0}
+
+# Refreshes forced by rejected tokens (or an operator) draw from a bucket: a
+# burst of 3 goes through at once (start-up, one rotation elsewhere, a retry),
+# then one per `min_refresh_interval_s`. At the default 60 s that is at most
+# ~1440 forced fetches a day, under the 2000-a-day quota of /cgi-bin/token
+# (wechat-api-notes.md §3), however often another system rotates the token.
+FORCED_BURST = 3.0
+
+# Daily quotas reset at midnight China time (UTC+8) (inference: WeChat counts
+# "per day" in its own time zone; clear_quota is the manual way out).
+QUOTA_RESET_UTC_OFFSET_S = 8 * 3600
+
+
+class FailureKind(enum.Enum):
+    TRANSIENT = "transient"      # network, 5xx, -1 busy, garbage: back off and retry
+    CREDENTIAL = "credential"    # fix the config or the whitelist: retry rarely
+    QUOTA = "quota"              # 45009: stop until the quota resets
+    RATE_LIMIT = "rate_limit"    # 45011 / 45033: wait for the next minute
+
+
+# What an errcode from a token endpoint means (wechat-api-notes.md §4 and §8).
+# At the token endpoint 40001 means "wrong AppSecret", not "bad token".
+CREDENTIAL_ERRCODES = frozenset({
+    40001, 40002, 40013, 40125, 40164, 40243, 41002, 41004, 43002, 61024,
+    89501, 89503, 89506, 89507,
+    40091, 60020,  # WeCom: secret invalid, IP not allowed
+})
+QUOTA_ERRCODES = frozenset({45009})
+RATE_LIMIT_ERRCODES = frozenset({45011, 45033})
+
+
+def classify(errcode: int | None) -> FailureKind:
+    if errcode in CREDENTIAL_ERRCODES:
+        return FailureKind.CREDENTIAL
+    if errcode in QUOTA_ERRCODES:
+        return FailureKind.QUOTA
+    if errcode in RATE_LIMIT_ERRCODES:
+        return FailureKind.RATE_LIMIT
+    return FailureKind.TRANSIENT
+
+
+def retry_delay(kind: FailureKind, errcode: int | None, failures: int,
+                wall_now: float, rng: Callable[[], float]) -> float:
+    """Seconds to wait before the next fetch after `failures` failures in a row.
+
+    Jitter (a factor in [0.5, 1.0)) keeps many sidecars that failed together
+    from retrying together.
+    """
+    jitter = 0.5 + rng() / 2
+    if kind is FailureKind.TRANSIENT:
+        return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(0, failures - 1)) * jitter
+    if kind is FailureKind.RATE_LIMIT:
+        return (60.0 - wall_now % 60.0) + 5.0 * rng()
+    if kind is FailureKind.QUOTA:
+        local = wall_now + QUOTA_RESET_UTC_OFFSET_S
+        return (86400.0 - local % 86400.0) + 60.0 * rng()
+    return BLOCK_RETRY_S.get(errcode or 0, CREDENTIAL_RETRY_S) * (0.9 + rng() / 10)
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str
+    fetched_at: float   # monotonic seconds
+    expires_at: float   # monotonic seconds
+
+    def remaining(self, now: float) -> float:
+        return self.expires_at - now
+
+
+@dataclass(frozen=True)
+class FetchFailure:
+    kind: FailureKind
+    errcode: int | None
+    message: str
+    at: float
+
+    def describe(self) -> str:
+        code = f"{self.errcode}: " if self.errcode is not None else ""
+        return f"{code}{self.message}"
+
+
+class TokenState:
+    """The token of one app and what the sidecar knows about fetching it."""
+
+    def __init__(self, refresh_before_s: float, min_refresh_interval_s: float):
+        self.refresh_before_s = refresh_before_s
+        self.min_refresh_interval_s = min_refresh_interval_s
+        self.token: Token | None = None
+        self.rejected: str | None = None        # a token WeChat refused, until replaced
+        self.failures = 0                       # fetch failures in a row
+        self.last_failure: FetchFailure | None = None
+        self.retry_at = 0.0                     # no automatic fetch before this
+        self._bucket = FORCED_BURST             # forced refreshes available ...
+        self._bucket_at: float | None = None    # ... as of this moment
+        self.fetches_ok = 0
+        self.fetches_failed = 0
+
+    # -- questions
+
+    def usable(self, now: float) -> bool:
+        token = self.token
+        return (token is not None and token.value != self.rejected
+                and now < token.expires_at - EXPIRY_MARGIN_S)
+
+    def refresh_due_at(self) -> float:
+        """When the background refresher should fetch, ignoring backoff."""
+        token = self.token
+        if token is None or token.value == self.rejected:
+            return 0.0
+        # Never earlier than half the token's life: an `expires_in` shorter
+        # than `refresh_before_s` must not turn into a fetch loop.
+        half_life = token.fetched_at + (token.expires_at - token.fetched_at) / 2
+        return max(token.expires_at - self.refresh_before_s, half_life)
+
+    def next_fetch_at(self) -> float:
+        """When the background refresher should try next, backoff included."""
+        return max(self.refresh_due_at(), self.retry_at)
+
+    def is_current(self, value: str) -> bool:
+        return self.token is not None and self.token.value == value
+
+    def _bucket_level(self, now: float) -> float:
+        if self._bucket_at is None or self.min_refresh_interval_s <= 0:
+            return FORCED_BURST
+        refill = (now - self._bucket_at) / self.min_refresh_interval_s
+        return min(FORCED_BURST, self._bucket + refill)
+
+    def forced_fetch_at(self, now: float) -> float:
+        """Earliest moment a forced refresh (rejected token, operator) may fetch:
+        after the backoff, and once the bucket that protects the quota has one."""
+        level = self._bucket_level(now)
+        wait = 0.0 if level >= 1 else (1 - level) * self.min_refresh_interval_s
+        return max(now + wait, self.retry_at)
+
+    def spend_forced(self, now: float) -> None:
+        self._bucket = self._bucket_level(now) - 1
+        self._bucket_at = now
+
+    def unavailable_reason(self, now: float) -> str:
+        if self.token is not None and self.token.value == self.rejected:
+            why = "the token was rejected by WeChat and no new one could be fetched"
+        elif self.token is not None and now >= self.token.expires_at - EXPIRY_MARGIN_S:
+            why = "the token expired and no new one could be fetched"
+        else:
+            why = "no token fetched yet"
+        if self.last_failure is not None:
+            why += f" (last fetch failed: {self.last_failure.describe()})"
+        return why
+
+    # -- events
+
+    def on_fetched(self, value: str, expires_in: float, now: float) -> Token:
+        self.token = Token(value=value, fetched_at=now, expires_at=now + expires_in)
+        if self.rejected != value:
+            self.rejected = None
+        self.failures = 0
+        self.retry_at = 0.0
+        self.fetches_ok += 1
+        return self.token
+
+    def on_adopted(self, token: Token) -> None:
+        """A token another holder fetched (shared store); no fetch counted."""
+        self.token = token
+        if self.rejected != token.value:
+            self.rejected = None
+        self.failures = 0
+        self.retry_at = 0.0
+
+    def on_failed(self, kind: FailureKind, errcode: int | None, message: str,
+                  now: float, wall_now: float, rng: Callable[[], float]) -> FetchFailure:
+        self.failures += 1
+        self.fetches_failed += 1
+        self.last_failure = FetchFailure(kind=kind, errcode=errcode, message=message, at=now)
+        self.retry_at = now + retry_delay(kind, errcode, self.failures, wall_now, rng)
+        return self.last_failure
+
+    def reject(self, value: str) -> bool:
+        """WeChat refused `value`. True when it was the current token (so a
+        refresh is needed); False when it was already replaced."""
+        if not self.is_current(value) or self.rejected == value:
+            return False
+        self.rejected = value
+        return True
+
+    def clear_backoff(self) -> None:
+        """An operator asked for a refresh: try now, whatever the backoff said."""
+        self.retry_at = 0.0
