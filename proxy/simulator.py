@@ -299,7 +299,7 @@ class WeChatSimulator:
     async def _record(self, request: web.Request, body: bytes, error: tuple[int, str] | None) -> None:
         self.business_calls += 1
         self.calls.append({
-            "method": request.method, "path": request.path, "query": request.query_string,
+            "method": request.method, "path": request.path, "query": request.rel_url.raw_query_string,
             "access_token": request.query.getall("access_token", []),
             "body_sha256": hashlib.sha256(body).hexdigest(), "body_len": len(body),
             "errcode": error[0] if error else 0,
@@ -324,7 +324,7 @@ class WeChatSimulator:
             return await self._upload(request, body)
         return self._json({
             "errcode": 0, "errmsg": "ok", "method": request.method, "path": path,
-            "query": request.query_string,
+            "query": request.rel_url.raw_query_string,
             "access_token": request.query.getall("access_token", []),
             "headers": {k: v for k, v in request.headers.items()},
             "body_sha256": hashlib.sha256(body).hexdigest(), "body_len": len(body),

@@ -127,10 +127,17 @@ class TokenManager:
     async def refresh_now(self) -> Token:
         """The passive refresh interface (admin): fetch now, coalesced with any
         fetch under way; overrides a backoff, not the forced-refresh budget."""
+        before = self.state.token
         if self._inflight is None:
             self.state.clear_backoff()
             self._start_refresh("admin", use_store=False)
-        return await self._wait_for_token("admin")
+        token = await self._wait_for_token("admin")
+        if token is before:
+            failure = self.state.last_failure
+            raise TokenUnavailable(f"app {self.app.name}: refresh failed"
+                                   + (f": {failure.describe()}" if failure else "")
+                                   + "; the current token is still served")
+        return token
 
     async def _wait_for_token(self, reason: str) -> Token:
         if self._inflight is None:

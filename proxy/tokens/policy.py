@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 # A token is not handed out in its last seconds: a call that leaves now must
-# still arrive while the token lives.
+# still arrive while the token lives. 3 s, or a tenth of a very short life.
 EXPIRY_MARGIN_S = 3.0
+EXPIRY_MARGIN_FRACTION = 0.1
 
 # Backoff for transient fetch failures: WxJava waits 1 s, 2 s, 4 s ... between
 # tries (wechat-api-notes.md §4, errcode -1). We keep doubling up to a cap so a
@@ -96,6 +97,11 @@ class Token:
     def remaining(self, now: float) -> float:
         return self.expires_at - now
 
+    @property
+    def usable_until(self) -> float:
+        life = self.expires_at - self.fetched_at
+        return self.expires_at - min(EXPIRY_MARGIN_S, life * EXPIRY_MARGIN_FRACTION)
+
 
 @dataclass(frozen=True)
 class FetchFailure:
@@ -129,8 +135,7 @@ class TokenState:
 
     def usable(self, now: float) -> bool:
         token = self.token
-        return (token is not None and token.value != self.rejected
-                and now < token.expires_at - EXPIRY_MARGIN_S)
+        return token is not None and token.value != self.rejected and now < token.usable_until
 
     def refresh_due_at(self) -> float:
         """When the background refresher should fetch, ignoring backoff."""
@@ -169,7 +174,7 @@ class TokenState:
     def unavailable_reason(self, now: float) -> str:
         if self.token is not None and self.token.value == self.rejected:
             why = "the token was rejected by WeChat and no new one could be fetched"
-        elif self.token is not None and now >= self.token.expires_at - EXPIRY_MARGIN_S:
+        elif self.token is not None and now >= self.token.usable_until:
             why = "the token expired and no new one could be fetched"
         else:
             why = "no token fetched yet"
@@ -181,8 +186,10 @@ class TokenState:
 
     def on_fetched(self, value: str, expires_in: float, now: float) -> Token:
         self.token = Token(value=value, fetched_at=now, expires_at=now + expires_in)
-        if self.rejected != value:
-            self.rejected = None
+        # WeChat's token endpoint just vouched for this value, even if it is the
+        # one a business call refused: trust it (the forced-refresh budget
+        # bounds the cost if the refusal repeats).
+        self.rejected = None
         self.failures = 0
         self.retry_at = 0.0
         self.fetches_ok += 1

@@ -1,0 +1,166 @@
+"""Shared fixtures: a WeChat simulator on a real socket, sidecars in-process
+(real listeners, real HTTP) or as subprocesses (`python -m proxy run`)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy import config as config_mod
+from proxy.server import Running, start_sidecar
+from proxy.simulator import SimSettings, WeChatSimulator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+APPID = "wx00000000000000a1"
+SECRET = "test-secret-aaaaaaaaaaaaaaaaaaaaaaa1"
+APPID2 = "wx00000000000000b2"
+SECRET2 = "test-secret-bbbbbbbbbbbbbbbbbbbbbbb2"
+CORPID = "ww00000000000000c3"
+CORPSECRET = "test-corpsecret-ccccccccccccccccccc3"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[WeChatSimulator]:
+    simulator = WeChatSimulator(accounts={APPID: SECRET, APPID2: SECRET2},
+                                corps={CORPID: [CORPSECRET]}, settings=SimSettings())
+    runner = web.AppRunner(simulator.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    simulator.url = f"http://127.0.0.1:{runner.addresses[0][1]}"  # type: ignore[attr-defined]
+    yield simulator
+    await runner.cleanup()
+
+
+def sidecar_yaml(upstream: str, *, app: str = "", top: str = "", listen_port: int = 0,
+                 admin_port: int = 0, secret: str = SECRET, token_api: str = "stable",
+                 refresh_before_s: float = 240, min_refresh_interval_s: float = 0) -> str:
+    """A config for tests: one app `mp` against the simulator, plus extras."""
+    return textwrap.dedent(f"""\
+        listen: {{host: 127.0.0.1, port: {listen_port}}}
+        admin:  {{host: 127.0.0.1, port: {admin_port}}}
+        upstream: {{base_url: "{upstream}", timeout_s: 5}}
+        {top}
+        apps:
+          - name: mp
+            appid: {APPID}
+            secret: "{secret}"
+            token_api: {token_api}
+            refresh_before_s: {refresh_before_s}
+            min_refresh_interval_s: {min_refresh_interval_s}
+        """) + textwrap.indent(textwrap.dedent(app), "  ")
+
+
+SidecarFactory = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def make_sidecar(sim: WeChatSimulator) -> AsyncIterator[SidecarFactory]:
+    started: list[Running] = []
+
+    async def factory(text: str | None = None, *, wait_ready: bool = True, **kw: object) -> Running:
+        cfg = config_mod.parse(text or sidecar_yaml(sim.url, **kw), "<test>", env={})  # type: ignore[attr-defined]
+        running = await start_sidecar(cfg)
+        started.append(running)
+        if wait_ready:
+            assert await running.sidecar.wait_ready(5), "sidecar did not become ready"
+        running.base = f"http://127.0.0.1:{running.proxy_port}"  # type: ignore[attr-defined]
+        running.admin = f"http://127.0.0.1:{running.admin_port}"  # type: ignore[attr-defined]
+        return running
+
+    yield factory
+    for running in started:
+        await running.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+# ---------------------------------------------------------------- subprocesses
+
+class SidecarProcess:
+    """`python -m proxy run` in a subprocess, its output captured to a file."""
+
+    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None):
+        self.config_path, self.log_path = config_path, log_path
+        self.log_file = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
+            cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def wait_ready(self, admin_url: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"sidecar exited {self.proc.returncode}: {self.output()}")
+                try:
+                    async with session.get(f"{admin_url}/readyz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"sidecar not ready in {timeout} s: {self.output()}")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def output(self) -> str:
+        self.log_file.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def spawn(tmp_path: Path):
+    procs: list[SidecarProcess] = []
+
+    def factory(config_text: str, env: dict[str, str] | None = None, name: str = "sidecar") -> SidecarProcess:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(config_text)
+        proc = SidecarProcess(path, tmp_path / f"{name}.log", env)
+        procs.append(proc)
+        return proc
+
+    yield factory
+    for proc in procs:
+        proc.stop()

@@ -1,0 +1,322 @@
+"""The proxy port as an app sees it: real sockets, real HTTP, the simulator as WeChat."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from proxy.tokens import TokenUnavailable
+
+from .conftest import APPID, APPID2, SECRET2, sidecar_yaml
+
+
+def last_call(sim):
+    return sim.calls[-1]
+
+
+# ---------------------------------------------------------------- injection
+
+async def test_token_is_injected_and_a_client_token_replaced(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    current = sc.sidecar.managers["mp"].current().value
+    async with http.get(f"{sc.base}/cgi-bin/user/info?openid=O1&access_token=APP_SENT&lang=zh_CN") as resp:
+        assert resp.status == 200
+        echo = await resp.json()
+    assert echo["access_token"] == [current]
+    assert "APP_SENT" not in echo["query"]
+    assert echo["query"] == f"openid=O1&lang=zh_CN&access_token={current}"
+
+
+async def test_query_headers_and_body_reach_upstream_byte_identical(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    body = "{\"touser\":\"o\u00e9\",\"text\":{\"content\":\"\u4f60\u597d &=?\"}}".encode()
+    query = "b=2&a=%E4%BD%A0&empty=&flag&a=dup&x=%2F%20"
+    headers = {"Content-Type": "application/json; charset=utf-8", "X-Custom": "v1",
+               "User-Agent": "my-sdk/1.0", "X-WeChat-App": "mp"}
+    url = URL(f"{sc.base}/cgi-bin/message/custom/send?{query}", encoded=True)
+    async with http.post(url, data=body, headers=headers) as resp:
+        echo = await resp.json()
+    token = sc.sidecar.managers["mp"].current().value
+    assert echo["query"] == f"{query}&access_token={token}"
+    assert echo["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert echo["headers"]["X-Custom"] == "v1"
+    assert echo["headers"]["User-Agent"] == "my-sdk/1.0"
+    assert echo["headers"]["Content-Type"] == "application/json; charset=utf-8"
+    assert "X-WeChat-App" not in echo["headers"]          # ours, not WeChat's
+
+
+async def test_upstream_headers_come_back_including_set_cookie(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    async with http.get(f"{sc.base}/cgi-bin/media/get?media_id=M9&size=100") as resp:
+        assert resp.headers["Content-Disposition"] == 'attachment; filename="M9.jpg"'
+        assert resp.headers["Content-Type"] == "image/jpeg"
+
+
+async def test_sns_calls_get_no_app_token(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    url = f"{sc.base}/sns/userinfo?access_token=USER_OAUTH_TOKEN&openid=O1"
+    async with http.get(url) as resp:
+        echo = await resp.json()
+    assert echo["access_token"] == ["USER_OAUTH_TOKEN"]
+    async with http.get(f"{sc.base}/sns/jscode2session?appid={APPID}&js_code=C&grant_type=authorization_code") as resp:
+        echo = await resp.json()
+    assert echo["access_token"] == []
+
+
+# ---------------------------------------------------------------- routing
+
+async def test_app_is_chosen_by_prefix_then_header_then_default(sim, make_sidecar, http):
+    sc = await make_sidecar(sidecar_yaml(sim.url, app=f"""
+        - name: mini
+          appid: {APPID2}
+          secret: "{SECRET2}"
+          token_api: client_credential
+        """))
+    t_mp = sc.sidecar.managers["mp"].current().value
+    t_mini = sc.sidecar.managers["mini"].current().value
+    assert t_mp != t_mini
+    async with http.get(f"{sc.base}/mini/cgi-bin/user/info") as resp:
+        echo = await resp.json()
+        assert (echo["path"], echo["access_token"]) == ("/cgi-bin/user/info", [t_mini])
+    async with http.get(f"{sc.base}/cgi-bin/user/info", headers={"X-WeChat-App": "mini"}) as resp:
+        assert (await resp.json())["access_token"] == [t_mini]
+    async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
+        assert (await resp.json())["access_token"] == [t_mp]
+    async with http.get(f"{sc.base}/cgi-bin/user/info", headers={"X-WeChat-App": "nope"}) as resp:
+        assert resp.status == 400
+        err = await resp.json()
+        assert err["errcode"] == -1 and "unknown app 'nope'" in err["errmsg"]
+
+
+# ---------------------------------------------------------------- replay
+
+async def test_rotated_token_is_refreshed_once_and_the_call_replayed_once(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    assert sim.fetch_count() == 1
+    sim.rotate(APPID, "stable", grace_s=0)
+    calls_before = sim.business_calls
+    async with http.post(f"{sc.base}/cgi-bin/message/custom/send", data=b'{"x":1}') as resp:
+        assert resp.status == 200
+        echo = await resp.json()
+    assert echo["errcode"] == 0
+    assert sim.fetch_count() == 2                     # exactly one extra fetch
+    assert sim.business_calls - calls_before == 2     # the call and its one replay
+    assert sim.calls[-2]["errcode"] == 40001 and sim.calls[-1]["errcode"] == 0
+    assert sim.calls[-2]["body_sha256"] == sim.calls[-1]["body_sha256"]
+
+
+async def test_200_concurrent_calls_after_invalidation_cause_one_fetch(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    sim.rotate(APPID, "stable", grace_s=0)
+    before = sim.fetch_count()
+
+    async def call(i: int) -> int:
+        async with http.get(f"{sc.base}/cgi-bin/user/info?openid=O{i}") as resp:
+            body = await resp.json()
+            return body["errcode"] if resp.status == 200 else -resp.status
+
+    results = await asyncio.gather(*(call(i) for i in range(200)))
+    assert results == [0] * 200
+    assert sim.fetch_count() - before == 1
+
+
+async def test_second_token_failure_becomes_a_sidecar_503(sim, make_sidecar, http):
+    sc = await make_sidecar(token_api="client_credential")
+    sim.settings.reject_all = True
+    before_calls, before_fetch = sim.business_calls, sim.fetch_count()
+    async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
+        assert resp.status == 503
+        assert resp.headers["X-Sidecar-Upstream-Errcode"] == "40001"
+        body = await resp.json()
+    assert body["errcode"] == -1
+    assert body["errmsg"].startswith("sidecar: token rejected after refresh (40001: invalid credential")
+    assert sim.business_calls - before_calls == 2      # exactly one replay
+    assert sim.fetch_count() - before_fetch == 1
+
+
+async def test_second_token_failure_passes_through_when_configured(sim, make_sidecar, http):
+    sc = await make_sidecar(top="pass_token_errors: true", token_api="client_credential")
+    sim.settings.reject_all = True
+    before_calls = sim.business_calls
+    async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["errcode"] == 40001
+        assert "X-Sidecar-Upstream-Errcode" not in resp.headers
+    assert sim.business_calls - before_calls == 2
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/json; encoding=utf-8"])
+async def test_token_error_on_a_binary_endpoint_is_replayed(sim, make_sidecar, http, ctype):
+    sc = await make_sidecar()
+    sim.settings.error_content_type = ctype
+    sim.rotate(APPID, "stable", grace_s=0)
+    async with http.post(f"{sc.base}/wxa/getwxacodeunlimit", data=b'{"scene":"a=1"}') as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "image/jpeg"
+        image = await resp.read()
+    assert image.startswith(b"\xff\xd8")
+    assert [c["errcode"] for c in list(sim.calls)[-2:]] == [40001, 0]
+
+
+async def test_multipart_upload_is_replayed_with_identical_bytes(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    sim.rotate(APPID, "stable", grace_s=0)
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    form = aiohttp.FormData()
+    form.add_field("media", payload, filename="pic.jpg", content_type="image/jpeg")
+    async with http.post(f"{sc.base}/cgi-bin/media/upload?type=image", data=form) as resp:
+        assert resp.status == 200
+        answer = await resp.json()
+    assert answer["type"] == "image" and answer["media_id"].startswith("MEDIA_")
+    first, second = list(sim.calls)[-2:]
+    assert (first["errcode"], second["errcode"]) == (40001, 0)
+    assert first["body_sha256"] == second["body_sha256"]
+    assert first["body_len"] == second["body_len"] > len(payload)
+
+
+async def test_stable_token_handed_back_after_rejection_is_forced_once(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    sim.settings.reject_all = True   # WeChat refuses a token that stable_token still returns
+    async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
+        assert resp.status == 503
+    assert sim.force_count == {f"stable:{APPID}": 1}
+    sim.settings.reject_all = False
+    async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
+        assert resp.status == 200
+    sim.settings.reject_all = True
+    async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
+        assert resp.status == 503
+    assert sim.force_count == {f"stable:{APPID}": 1}   # force calls stay 30 s apart
+
+
+async def test_a_call_holding_an_already_replaced_token_causes_no_fetch(sim, make_sidecar):
+    sc = await make_sidecar()
+    manager = sc.sidecar.managers["mp"]
+    old = manager.current().value
+    sim.rotate(APPID, "stable", grace_s=0)
+    new = await manager.invalidate(old)
+    fetches = sim.fetch_count()
+    again = await manager.invalidate(old)   # a late caller with the old token
+    assert again.value == new.value != old
+    assert sim.fetch_count() == fetches
+
+
+# ---------------------------------------------------------------- refresh ahead
+
+@pytest.mark.parametrize("api", ["stable", "client_credential"])
+async def test_proactive_refresh_with_short_ttl_fails_no_call(sim, make_sidecar, http, api):
+    sim.settings.ttl_s = 2.0
+    sim.settings.stable_window_s = 1.5
+    sim.settings.grace_s = 0.8       # the old token dies soon after a re-fetch
+    sc = await make_sidecar(token_api=api, refresh_before_s=1.0)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 6.0
+    failures, calls = [], 0
+    while loop.time() < end:
+        async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
+            body = await resp.json()
+            calls += 1
+            if resp.status != 200 or body.get("errcode") != 0:
+                failures.append((resp.status, body))
+        await asyncio.sleep(0.01)
+    assert failures == []
+    assert calls > 100
+    # every ~1 s a new token: several cycles, none of them reactive
+    assert sim.fetch_count(api=api) >= 5
+    assert sc.sidecar.managers["mp"].refreshes.get("errcode", 0) == 0
+
+
+# ---------------------------------------------------------------- token endpoint failures
+
+async def test_token_endpoint_down_while_token_valid_keeps_calls_working(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    sim.settings.token_fault = "http500"
+    manager = sc.sidecar.managers["mp"]
+    with pytest.raises(TokenUnavailable, match="HTTP 500"):
+        await manager.refresh_now()
+    for _ in range(5):
+        async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
+            assert resp.status == 200 and (await resp.json())["errcode"] == 0
+    async with http.get(f"{sc.admin}/readyz") as resp:
+        assert resp.status == 200
+
+
+async def test_bad_secret_gives_a_clear_error_bounded_fetches_and_a_live_process(sim, make_sidecar, http):
+    sc = await make_sidecar(secret="wrong-secret", wait_ready=False)
+    await asyncio.sleep(1.0)
+    async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
+        assert resp.status == 503
+        err = await resp.json()
+    assert err["errcode"] == -1
+    assert "40125" in err["errmsg"] and "invalid appsecret" in err["errmsg"]
+    for _ in range(20):
+        async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
+            assert resp.status == 503
+    assert sim.attempt_count() == 1            # credential errors are not hammered
+    async with http.get(f"{sc.admin}/readyz") as resp:
+        assert resp.status == 503
+        assert "40125" in json.dumps(await resp.json())
+    async with http.get(f"{sc.admin}/healthz") as resp:
+        assert resp.status == 200
+
+
+# ---------------------------------------------------------------- upstream failures, limits
+
+async def test_upstream_unreachable_is_a_json_502(sim, make_sidecar, http, unused_tcp_port):
+    sc = await make_sidecar(sidecar_yaml(sim.url, app=f"""
+        - name: gone
+          appid: {APPID2}
+          secret: "{SECRET2}"
+          token_api: stable
+          upstream: http://127.0.0.1:{unused_tcp_port}
+        """), wait_ready=False)
+    # `gone` has no token (its upstream is down): a 503 naming why, not a trace
+    async with http.get(f"{sc.base}/gone/cgi-bin/user/info") as resp:
+        assert resp.status == 503
+        assert "cannot connect" in (await resp.json())["errmsg"]
+    # /sns/ needs no token, so it reaches for the dead upstream: 502
+    async with http.get(f"{sc.base}/gone/sns/auth?access_token=u") as resp:
+        assert resp.status == 502
+        body = await resp.json()
+    assert body["errcode"] == -1 and body["errmsg"].startswith("sidecar: cannot connect to upstream")
+
+
+async def test_upstream_timeout_is_a_json_504_and_not_replayed(sim, make_sidecar, http):
+    text = sidecar_yaml(sim.url).replace("timeout_s: 5", "timeout_s: 0.3")
+    sc = await make_sidecar(text)
+    sim.settings.latency_s = 1.0
+    before = sim.business_calls
+    async with http.post(f"{sc.base}/cgi-bin/message/custom/send", data=b"{}") as resp:
+        assert resp.status == 504
+        assert (await resp.json())["errmsg"].startswith("sidecar: upstream timed out")
+    await asyncio.sleep(1.2)
+    assert sim.business_calls - before == 1
+
+
+async def test_body_over_the_limit_is_a_json_413(sim, make_sidecar, http):
+    sc = await make_sidecar(top="max_body_bytes: 4096")
+    async with http.post(f"{sc.base}/cgi-bin/media/upload", data=b"x" * 5000) as resp:
+        assert resp.status == 413
+        assert (await resp.json())["errcode"] == -1
+    async with http.post(f"{sc.base}/cgi-bin/message/custom/send", data=b"x" * 100) as resp:
+        assert resp.status == 200
+
+
+# ---------------------------------------------------------------- answered locally
+
+async def test_token_endpoints_are_answered_locally_with_the_shared_token(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    token = sc.sidecar.managers["mp"].current().value
+    fetches = sim.attempt_count()
+    async with http.get(f"{sc.base}/cgi-bin/token?grant_type=client_credential&appid=x&secret=y") as resp:
+        got = await resp.json()
+    assert got["access_token"] == token and 7000 < got["expires_in"] <= 7200
+    async with http.post(f"{sc.base}/cgi-bin/stable_token", json={"grant_type": "client_credential",
+                                                                 "appid": "x", "secret": "y"}) as resp:
+        got = await resp.json()
+    assert got["access_token"] == token and set(got) == {"access_token", "expires_in"}
+    assert sim.attempt_count() == fetches      # nothing reached WeChat's token endpoints
