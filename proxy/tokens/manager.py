@@ -53,6 +53,7 @@ class TokenManager:
 
     def start(self) -> None:
         if self._runner is None:
+            self._start_refresh("startup")
             self._runner = asyncio.create_task(self._run(), name=f"token-refresher:{self.app.name}")
 
     async def close(self) -> None:
@@ -83,12 +84,8 @@ class TokenManager:
             if self._inflight is not None:
                 await asyncio.wait({self._inflight})
                 continue
-            if self.state.failures:
-                await self._refresh("retry")
-            elif self.state.token is None:
-                await self._refresh("startup")
-            else:
-                await self._refresh("proactive")
+            await self._refresh("retry" if self.state.failures or self.state.token is None
+                                else "proactive")
 
     # ------------------------------------------------------------ request path
 
