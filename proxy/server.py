@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from typing import AsyncIterator, Callable
 
 import aiohttp
@@ -131,20 +132,38 @@ class Running:
             await runner.cleanup()
 
 
-async def start_sidecar(config: Config) -> Running:
-    sidecar = Sidecar(config)
-    proxy_runner = web.AppRunner(build_proxy_app(sidecar), access_log=None, handle_signals=False)
-    admin_runner = web.AppRunner(build_admin_app(sidecar), access_log=None, handle_signals=False)
-    await proxy_runner.setup()
-    await admin_runner.setup()
-    runners = [proxy_runner, admin_runner]
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        await web.TCPSite(proxy_runner, config.listen.host, config.listen.port).start()
-        await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
     except OSError:
-        for runner in reversed(runners):
-            await runner.cleanup()
+        sock.close()
         raise
+    return sock
+
+
+async def start_sidecar(config: Config) -> Running:
+    """Bind both listeners first, then fetch tokens: a sidecar that cannot
+    listen must not spend a fetch (for /cgi-bin/token it would invalidate
+    the token of the sidecar already holding the port)."""
+    sockets: list[socket.socket] = []
+    try:
+        sockets.append(_bind(config.listen.host, config.listen.port))
+        sockets.append(_bind(config.admin.host, config.admin.port))
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    sidecar = Sidecar(config)
+    runners = [web.AppRunner(build_proxy_app(sidecar), access_log=None, handle_signals=False),
+               web.AppRunner(build_admin_app(sidecar), access_log=None, handle_signals=False)]
+    for runner, sock in zip(runners, sockets):
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
     return Running(sidecar, runners)
 
 

@@ -135,7 +135,8 @@ class SidecarProcess:
         raise AssertionError("no VmRSS")
 
     def output(self) -> str:
-        self.log_file.flush()
+        if not self.log_file.closed:
+            self.log_file.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:

@@ -1,0 +1,180 @@
+"""The sidecar as a user runs it: `python -m proxy run|demo` in subprocesses,
+real signals, real memory readings, and logs read for leaks."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from proxy.simulator import media_bytes
+
+from .conftest import APPID, ROOT, SECRET, free_port, sidecar_yaml
+
+MIB = 1024 * 1024
+
+
+async def test_no_token_or_secret_in_any_log_line_at_debug_level(sim, spawn, http):
+    port, admin = free_port(), free_port()
+    text = sidecar_yaml(sim.url, listen_port=port, admin_port=admin, token_api="client_credential")
+    text += textwrap_app_with_bad_secret()
+    proc = spawn(text, env={"SIDECAR_LOG_LEVEL": "debug"})
+    await wait_alive(proc, admin)
+    base = f"http://127.0.0.1:{port}"
+    # normal calls, an app-sent token, a replay, a local token answer, a /sns/ call with a user token
+    async with http.get(f"{base}/cgi-bin/user/info?access_token=APP_SENT_TOKEN_123&openid=o") as r:
+        assert r.status == 200
+    sim.rotate(APPID, "client_credential", grace_s=0)
+    async with http.post(f"{base}/cgi-bin/message/custom/send", data=b"{}") as r:
+        assert r.status == 200
+    async with http.get(f"{base}/cgi-bin/token?grant_type=client_credential&appid={APPID}&secret={SECRET}") as r:
+        assert r.status == 200
+    async with http.get(f"{base}/sns/userinfo?access_token=USER_OAUTH_SECRET_TOKEN&openid=o") as r:
+        assert r.status == 200
+    async with http.get(f"{base}/bad/cgi-bin/user/info") as r:
+        assert r.status == 503
+    assert proc.stop() == 0
+    out = proc.output()
+    lines = out.splitlines()
+    assert len(lines) >= 6
+    for line in lines:
+        json.loads(line)                                   # one JSON object per line
+    assert "token fetched" in out and "token rejected" in out and "40125" in out
+    for secret in [SECRET, "WRONG-SECRET-zzzzzzzz", *sim.issued_tokens()]:
+        assert secret not in out
+    assert "APP_SENT_TOKEN_123" not in out and "USER_OAUTH_SECRET_TOKEN" not in out
+
+
+def textwrap_app_with_bad_secret() -> str:
+    return ("  - name: bad\n    appid: wx00000000000000b2\n    secret: WRONG-SECRET-zzzzzzzz\n"
+            "    token_api: stable\n")
+
+
+async def wait_alive(proc, admin_port: int, timeout: float = 10) -> None:
+    """Ready enough: the default app has its token (another app may be failing)."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            assert proc.proc.poll() is None, proc.output()
+            try:
+                async with s.get(f"http://127.0.0.1:{admin_port}/admin/apps") as r:
+                    apps = (await r.json())["apps"]
+                    if apps[0]["usable"]:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError(proc.output())
+
+
+async def test_20_mib_download_streams_with_identical_bytes_and_bounded_memory(sim, spawn):
+    port, admin = free_port(), free_port()
+    proc = spawn(sidecar_yaml(sim.url, listen_port=port, admin_port=admin))
+    await proc.wait_ready(f"http://127.0.0.1:{admin}")
+    url = f"http://127.0.0.1:{port}/cgi-bin/media/get?media_id=BIG&size={20 * MIB}"
+    expected = hashlib.sha256()
+    for chunk in media_bytes("BIG", 20 * MIB):
+        expected.update(chunk)
+    async with aiohttp.ClientSession() as s:
+        # warm up the code paths once so the baseline includes them
+        async with s.get(url.replace(str(20 * MIB), "1048576")) as r:
+            await r.read()
+        baseline = proc.rss_kib()
+        peak = baseline
+        got = hashlib.sha256()
+        size = 0
+        async with s.get(url) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg"
+            async for chunk in r.content.iter_chunked(256 * 1024):
+                got.update(chunk)
+                size += len(chunk)
+                peak = max(peak, proc.rss_kib())
+                await asyncio.sleep(0)  # a slow reader: backpressure must hold
+    assert size == 20 * MIB
+    assert got.hexdigest() == expected.hexdigest()
+    growth_mib = (peak - baseline) / 1024
+    print(f"RSS baseline {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, growth {growth_mib:.1f} MiB")
+    assert growth_mib < 8, f"RSS grew {growth_mib:.1f} MiB for a 20 MiB download"
+
+
+async def test_sigterm_stops_the_sidecar_with_exit_0(sim, spawn):
+    port, admin = free_port(), free_port()
+    proc = spawn(sidecar_yaml(sim.url, listen_port=port, admin_port=admin))
+    await proc.wait_ready(f"http://127.0.0.1:{admin}")
+    started = time.monotonic()
+    assert proc.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 5
+
+
+def test_console_script_is_installed():
+    script = shutil.which("wechat-token-sidecar", path=os.path.dirname(sys.executable))
+    assert script, "pip install -e . should install the wechat-token-sidecar script"
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "run" in result.stdout and "demo" in result.stdout
+
+
+def test_demo_prints_curl_lines_that_work(tmp_path):
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "demo", "--port", str(port), "--admin-port", str(admin)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        banner = "".join(lines)
+        assert "(ready)" in banner, banner
+        commands = [l.strip() for l in lines if l.strip().startswith("curl ")]
+        assert len(commands) >= 8
+        outputs = []
+        for command in commands:
+            result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=20, cwd=tmp_path)
+            assert result.returncode == 0, (command, result.stderr)
+            outputs.append(result.stdout)
+        joined = "\n".join(outputs)
+        # the call after the rotation succeeded (replayed), the download completed, all apps ready
+        assert joined.count('"errcode": 0') >= 3
+        assert re.search(r"^200 1048576 bytes$", joined, re.M)
+        assert '"status": "ready"' in joined
+        stats = json.loads(outputs[-1])
+        assert sum(stats["fetches"].values()) == 3      # start-up, the rotation, the admin refresh
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert proc.returncode == 0
+
+
+async def test_a_sidecar_that_cannot_listen_exits_without_fetching_a_token(sim, spawn):
+    port, admin = free_port(), free_port()
+    first = spawn(sidecar_yaml(sim.url, listen_port=port, admin_port=admin, token_api="client_credential"))
+    await first.wait_ready(f"http://127.0.0.1:{admin}")
+    fetches = sim.attempt_count()
+    second = spawn(sidecar_yaml(sim.url, listen_port=port, admin_port=free_port(), token_api="client_credential"),
+                   name="second")
+    for _ in range(200):
+        if second.proc.poll() is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert second.proc.returncode == 1
+    assert "address already in use" in second.output()
+    assert sim.attempt_count() == fetches   # the first sidecar's token was not invalidated
