@@ -140,9 +140,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
         sock.listen(1024)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
     return sock
 
 
@@ -172,7 +172,7 @@ async def serve(config: Config) -> int:
     try:
         running = await start_sidecar(config)
     except OSError as exc:
-        log.error("cannot listen: %s", exc)
+        log.error("%s", exc.strerror or exc)
         return 1
     log.info("listening: proxy on %s:%d, admin on %s:%d", config.listen.host, running.proxy_port,
              config.admin.host, running.admin_port)

@@ -176,5 +176,5 @@ async def test_a_sidecar_that_cannot_listen_exits_without_fetching_a_token(sim, 
             break
         await asyncio.sleep(0.05)
     assert second.proc.returncode == 1
-    assert "address already in use" in second.output()
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in second.output()
     assert sim.attempt_count() == fetches   # the first sidecar's token was not invalidated
