@@ -29,6 +29,10 @@ DEFAULT_REFRESH_BEFORE_S = 240
 # fetches against a quota of ~2000 a day (wechat-api-notes.md §3).
 DEFAULT_MIN_REFRESH_INTERVAL_S = 60.0
 
+# Token fetches per credential per day across the cluster: well under the
+# 2000 a day of /cgi-bin/token (wechat-api-notes.md §3).
+DEFAULT_DAILY_FETCH_CAP = 1000
+
 TOKEN_APIS = ("stable", "client_credential", "wecom")
 
 DEFAULT_UPSTREAMS = {
@@ -89,6 +93,14 @@ class Store:
     kind: str
     url: str = field(default="", repr=False)  # may carry a password
     key_prefix: str = "wts:"
+    role: str = "fetcher"                     # fetcher | reader (never fetches)
+    on_store_down: str = "fetch_locally"      # fetch_locally | fail
+    daily_fetch_cap: int = 1000
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password masked, for summaries and logs."""
+        return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", self.url)
 
 
 @dataclass(frozen=True)
@@ -136,7 +148,10 @@ class Config:
             f"admin:  {self.admin.host}:{self.admin.port} "
             f"(admin token {'set' if self.admin.token else 'not set'})",
             f"upstream: {self.upstream.base_url} (timeout {self.upstream.timeout_s:g} s)",
-            f"store: {self.store.kind}",
+            f"store: {self.store.kind}" + (
+                f" ({self.store.safe_url}, prefix {self.store.key_prefix!r}, role {self.store.role}, "
+                f"on_store_down {self.store.on_store_down})" if self.store.kind == "redis" else "")
+            + f", daily_fetch_cap {self.store.daily_fetch_cap}",
             f"refresh_errcodes: {sorted(self.refresh_errcodes)}",
             f"pass_token_errors: {str(self.pass_token_errors).lower()}",
             f"max_body_bytes: {self.max_body_bytes}",
@@ -244,6 +259,26 @@ def _bool(file: str) -> Callable[[Any, str], bool]:
     return conv
 
 
+def _choice(file: str, options: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def conv(value: Any, key: str) -> str:
+        text = _str(file)(value, key)
+        if text not in options:
+            raise ConfigError(file, key, f"must be one of {', '.join(options)}, got {text!r}")
+        return text
+    return conv
+
+
+def _check_redis_url(url: str, file: str, key: str) -> None:
+    if not re.match(r"^(redis|rediss|unix)://", url):
+        raise ConfigError(file, key, "must start with redis://, rediss:// or unix://")
+    try:
+        from redis.connection import parse_url
+        parse_url(url)
+    except (ValueError, TypeError) as exc:
+        # The message names the part that is wrong, never the password.
+        raise ConfigError(file, key, f"not a valid Redis URL: {str(exc).split(' as ')[0]}") from None
+
+
 def _url(file: str) -> Callable[[Any, str], str]:
     def conv(value: Any, key: str) -> str:
         text = _str(file)(value, key).rstrip("/")
@@ -309,15 +344,17 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
     kind = store_s.get("kind", _str(file), "memory")
     if kind not in ("memory", "redis"):
         raise ConfigError(file, "store.kind", f"must be memory or redis, got {kind!r}")
-    store = Store(
-        kind=kind,
-        url=store_s.get("url", _str(file), "") if kind == "redis" else "",
-        key_prefix=store_s.get("key_prefix", _str(file), "wts:") if kind == "redis" else "wts:",
-    )
-    if kind == "redis" and not store.url:
-        raise ConfigError(file, "store.url", "is required when store.kind is redis")
-    if kind == "redis" and not re.match(r"^(redis|rediss|unix)://", store.url):
-        raise ConfigError(file, "store.url", "must start with redis://, rediss:// or unix://")
+    cap = store_s.get("daily_fetch_cap", _number(file, int, 1, 10**7), DEFAULT_DAILY_FETCH_CAP)
+    if kind == "redis":
+        url = store_s.get("url", _str(file))
+        _check_redis_url(url, file, "store.url")
+        role = store_s.get("role", _choice(file, ("fetcher", "reader")), "fetcher")
+        store = Store(
+            kind=kind, url=url, key_prefix=store_s.get("key_prefix", _str(file), "wts:"), role=role,
+            on_store_down=store_s.get("on_store_down", _choice(file, ("fetch_locally", "fail")), "fetch_locally"),
+            daily_fetch_cap=cap)
+    else:
+        store = Store(kind=kind, daily_fetch_cap=cap)
     store_s.done()
 
     def errcodes(value: Any, key: str) -> frozenset[int]:

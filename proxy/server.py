@@ -22,6 +22,15 @@ log = logging.getLogger("proxy.server")
 UPSTREAM_POOL_LIMIT = 100
 
 
+def make_store(cfg: Config) -> TokenStore:
+    if cfg.store.kind == "redis":
+        from .tokens.redis_store import RedisStore
+        # Wait for another sidecar's fetch at most as long as a fetch may take.
+        return RedisStore(cfg.store.url, cfg.store.key_prefix, cfg.store.daily_fetch_cap,
+                          wait_budget_s=cfg.upstream.timeout_s + 5)
+    return MemoryStore(cfg.store.daily_fetch_cap)
+
+
 class Sidecar:
     """The live resources of one running sidecar."""
 
@@ -42,10 +51,12 @@ class Sidecar:
             auto_decompress=False,              # bytes pass through as WeChat sent them
             cookie_jar=aiohttp.DummyCookieJar(),  # apps' cookies are not ours to keep
         )
-        self.store = MemoryStore()
+        self.store = make_store(cfg)
+        await self.store.start()
         for app in cfg.apps:
             fetcher = make_fetcher(app, self.session, cfg.upstream.timeout_s)
-            self.managers[app.name] = TokenManager(app, fetcher, self.store)
+            self.managers[app.name] = TokenManager(app, fetcher, self.store, role=cfg.store.role,
+                                                   on_store_down=cfg.store.on_store_down)
         self.forwarder = Forwarder(cfg, self.managers, self.session)
         for manager in self.managers.values():
             manager.start()

@@ -91,6 +91,7 @@ class WeChatSimulator:
         self.current: dict[str, Issued] = {}
         self.history: dict[str, list[Issued]] = {}
         self.fetches: dict[str, int] = {}          # "api:appid" -> token endpoint calls that issued or returned a token
+        self.fetch_times: list[float] = []         # clock() of each such call
         self.fetch_attempts: dict[str, int] = {}   # "api:appid" -> every call to a token endpoint
         self.daily: dict[str, int] = {}
         self.last_force: dict[str, float] = {}
@@ -142,6 +143,10 @@ class WeChatSimulator:
             return 42001, "access_token expired"
         return None
 
+    def _count_fetch(self, key: str) -> None:
+        self.fetches[key] = self.fetches.get(key, 0) + 1
+        self.fetch_times.append(self.clock())
+
     def fetch_count(self, api: str | None = None, appid: str | None = None) -> int:
         return sum(n for k, n in self.fetches.items()
                    if (api is None or k.split(":", 1)[0] == api)
@@ -167,7 +172,7 @@ class WeChatSimulator:
                             headers={"Content-Type": "application/json; encoding=utf-8"})
 
     def _token_answer(self, issued: Issued, wecom: bool = False) -> web.Response:
-        left = max(1, int(issued.expires_at - self.clock()))
+        left = max(1, round(issued.expires_at - self.clock()))
         body: dict[str, Any] = {"access_token": issued.value, "expires_in": left}
         if wecom:
             body = {"errcode": 0, "errmsg": "ok", **body}
@@ -231,7 +236,7 @@ class WeChatSimulator:
             return self._error(40125, "invalid appsecret")
         if not self._quota(key, self.settings.token_daily_limit):
             return self._error(45009, "reach max api daily quota limit, could get access_token by getStableAccessToken")
-        self.fetches[key] = self.fetches.get(key, 0) + 1
+        self._count_fetch(key)
         self._supersede(key, self.settings.grace_s)
         return self._token_answer(self._new_token("client_credential", key))
 
@@ -259,7 +264,7 @@ class WeChatSimulator:
         now = self.clock()
         current = self.current.get(key)
         live = current is not None and now < current.dead_at and now < current.expires_at
-        self.fetches[key] = self.fetches.get(key, 0) + 1
+        self._count_fetch(key)
         if body.get("force_refresh") is True:
             if live and now - self.last_force.get(key, -1e18) < self.settings.force_spacing_s:
                 return self._token_answer(current)  # too soon: nothing is refreshed
@@ -287,7 +292,7 @@ class WeChatSimulator:
             return self._error(40001, "invalid secret")
         if not self._quota(key, self.settings.wecom_daily_limit):
             return self._error(45009, "api freq out of limit")
-        self.fetches[key] = self.fetches.get(key, 0) + 1
+        self._count_fetch(key)
         now = self.clock()
         current = self.current.get(key)
         if current is not None and now < current.dead_at and now < current.expires_at:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,7 +42,7 @@ def free_port() -> int:
 async def sim() -> AsyncIterator[WeChatSimulator]:
     simulator = WeChatSimulator(accounts={APPID: SECRET, APPID2: SECRET2},
                                 corps={CORPID: [CORPSECRET]}, settings=SimSettings())
-    runner = web.AppRunner(simulator.app(), access_log=None)
+    runner = web.AppRunner(simulator.app(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     simulator.url = f"http://127.0.0.1:{runner.addresses[0][1]}"  # type: ignore[attr-defined]
@@ -165,3 +166,60 @@ def spawn(tmp_path: Path):
     yield factory
     for proc in procs:
         proc.stop()
+
+
+# ---------------------------------------------------------------- redis
+
+class RedisServer:
+    """A real redis-server of our own on a free port; tests may kill and restart it."""
+
+    def __init__(self, directory: Path):
+        self.port = free_port()
+        self.directory = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (.ci/run installs it with apt-get)")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise AssertionError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def command(self, *args: str) -> bytes:
+        """One RESP command over a plain socket (keeps tests free of client state)."""
+        parts = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = arg.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as conn:
+            conn.sendall(b"".join(parts))
+            return conn.recv(65536)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()

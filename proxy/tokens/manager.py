@@ -10,12 +10,12 @@ import asyncio
 import logging
 import random
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 from ..config import App
 from .fetchers import Fetcher, FetchError
-from .policy import FailureKind, Token, TokenState
-from .store import TokenStore
+from .policy import FailureKind, Token, TokenState, refresh_due_at
+from .store import FetchCapReached, StoreUnavailable, TokenStore, fingerprint
 
 log = logging.getLogger("proxy.tokens")
 
@@ -27,6 +27,9 @@ STABLE_FORCE_SPACING_S = 30.0
 # a clear 503 at once rather than hanging until the app's own timeout.
 MAX_CALLER_WAIT_S = 5.0
 
+# A reader looks for the fetchers' new token this often while it waits.
+READER_POLL_S = 0.05
+
 
 class TokenUnavailable(Exception):
     """No usable token for an app; the message says why, for the operator."""
@@ -34,6 +37,7 @@ class TokenUnavailable(Exception):
 
 class TokenManager:
     def __init__(self, app: App, fetcher: Fetcher, store: TokenStore, *,
+                 role: str = "fetcher", on_store_down: str = "fetch_locally",
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
                  rng: Callable[[], float] = random.random):
@@ -48,11 +52,15 @@ class TokenManager:
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._last_force_at = -STABLE_FORCE_SPACING_S
+        self.role, self.on_store_down = role, on_store_down
+        self.local_fetches_store_down = 0
+        self._wake_adopt = False
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         if self._runner is None:
+            self.store.watch(self.app.store_key, self._on_store_event)
             self._start_refresh("startup")
             self._runner = asyncio.create_task(self._run(), name=f"token-refresher:{self.app.name}")
 
@@ -74,6 +82,10 @@ class TokenManager:
         while True:
             now = self.clock()
             due = self.state.next_fetch_at()
+            if self._wake_adopt:
+                self._wake_adopt = False
+                await self._adopt_from_store()
+                continue
             if due > now and self._inflight is None:
                 self._wake.clear()
                 try:
@@ -182,18 +194,21 @@ class TokenManager:
             await asyncio.sleep(delay)
         self.refreshes[reason] = self.refreshes.get(reason, 0) + 1
         rejected = self.state.rejected
+        asked_at = self.clock()
+        key = self.app.store_key
 
-        # Someone else (another app entry, another replica) may hold a newer token.
-        shared = await self.store.load(self.app.store_key) if use_store else None
-        if shared is not None and shared != self.state.token and shared.value != rejected \
-                and self.clock() < shared.expires_at - self.app.refresh_before_s:
-            self.state.on_adopted(shared)
-            return
+        def accept(token: Token) -> bool:
+            """Is a token someone else put in the store good enough to skip a fetch?"""
+            if token.value == rejected or token == self.state.token and reason == "admin":
+                return False
+            if not use_store:                       # admin: only a token fetched since the ask
+                return token.fetched_at >= asked_at
+            return self.clock() < refresh_due_at(token, self.app.refresh_before_s) \
+                or (rejected is not None and self.clock() < token.usable_until)
 
-        if forced:
-            self.state.spend_forced(self.clock())
-        started = self.clock()
-        try:
+        async def fetch() -> Token:
+            if forced:
+                self.state.spend_forced(self.clock())
             fetched = await self.fetcher.fetch()
             if rejected is not None and fetched.value == rejected and self._may_force():
                 # stable_token normal mode handed back the token WeChat just
@@ -202,20 +217,97 @@ class TokenManager:
                 log.warning("WeChat returned the rejected token again; forcing a new one",
                             extra={"app": self.app.name})
                 fetched = await self.fetcher.fetch(force=True)
+            now = self.clock()
+            return Token(value=fetched.value, fetched_at=now, expires_at=now + fetched.expires_in)
+
+        started = self.clock()
+        try:
+            if rejected is not None:
+                await self._store_reject(rejected)
+            if self.role == "reader":
+                token, by_us = await self._follow(accept), False
+            else:
+                try:
+                    token, by_us = await self.store.fetch_exclusive(key, fetch, accept)
+                except StoreUnavailable as exc:
+                    token, by_us = await self._store_down(exc, fetch), True
         except FetchError as exc:
-            failure = self.state.on_failed(exc.kind, exc.errcode, exc.message,
-                                           self.clock(), self.wall(), self.rng)
-            level = logging.ERROR if exc.kind is not FailureKind.TRANSIENT else logging.WARNING
-            log.log(level, "token fetch failed: %s; next try in %.0f s",
-                    failure.describe(), max(0.0, self.state.retry_at - self.clock()),
-                    extra={"app": self.app.name, "errcode": exc.errcode, "reason": reason,
-                           "failure": exc.kind.value})
+            self._failed(exc.kind, exc.errcode, exc.message, reason)
             return
-        token = self.state.on_fetched(fetched.value, fetched.expires_in, self.clock())
-        await self.store.save(self.app.store_key, token)
-        log.info("token fetched (%s), expires in %.0f s", reason, fetched.expires_in,
-                 extra={"app": self.app.name, "reason": reason,
-                        "duration_s": round(self.clock() - started, 4)})
+        except FetchCapReached as exc:
+            self._failed(FailureKind.QUOTA, None, str(exc), reason)
+            return
+        except StoreUnavailable as exc:
+            self._failed(FailureKind.TRANSIENT, None, f"store unavailable: {exc}", reason)
+            return
+        if by_us:
+            self.state.on_fetched_token(token)
+            log.info("token fetched (%s), expires in %.0f s", reason, token.remaining(self.clock()),
+                     extra={"app": self.app.name, "reason": reason,
+                            "duration_s": round(self.clock() - started, 4)})
+        elif token != self.state.token:
+            self.state.on_adopted(token)
+            log.info("token taken from the store (%s), expires in %.0f s", reason,
+                     token.remaining(self.clock()), extra={"app": self.app.name, "reason": reason})
+
+    def _failed(self, kind: FailureKind, errcode: int | None, message: str, reason: str) -> None:
+        failure = self.state.on_failed(kind, errcode, message, self.clock(), self.wall(), self.rng)
+        level = logging.ERROR if kind is not FailureKind.TRANSIENT else logging.WARNING
+        log.log(level, "token fetch failed: %s; next try in %.0f s",
+                failure.describe(), max(0.0, self.state.retry_at - self.clock()),
+                extra={"app": self.app.name, "errcode": errcode, "reason": reason,
+                       "failure": kind.value})
+
+    async def _store_reject(self, bad_value: str) -> None:
+        """Tell the cluster: refresh only if the shared token is still this one."""
+        try:
+            await self.store.reject(self.app.store_key, bad_value)
+        except StoreUnavailable as exc:
+            log.warning("could not mark the rejected token in the store: %s", exc,
+                        extra={"app": self.app.name})
+
+    async def _follow(self, accept: Callable[[Token], bool]) -> Token:
+        """role: reader — never fetch; take what a fetching sidecar stored."""
+        deadline = self.clock() + MAX_CALLER_WAIT_S
+        while True:
+            token = await self.store.load(self.app.store_key)
+            if token is not None and accept(token):
+                return token
+            if self.clock() >= deadline:
+                raise StoreUnavailable("role is reader: no fetching sidecar stored a usable token")
+            await asyncio.sleep(READER_POLL_S)
+
+    async def _store_down(self, exc: StoreUnavailable, fetch: Callable[[], Awaitable[Token]]) -> Token:
+        """The shared store is gone. While the local token is usable, keep it
+        and retry later; once it is not, apply `on_store_down`."""
+        if self.state.usable(self.clock()) or self.on_store_down == "fail":
+            raise exc
+        log.error("store unavailable (%s) and no usable token: fetching locally "
+                  "(on_store_down: fetch_locally); other replicas may fetch too", exc,
+                  extra={"app": self.app.name})
+        self.local_fetches_store_down += 1
+        return await fetch()
+
+    def _on_store_event(self, event: str, fp: str) -> None:
+        """Another sidecar stored a new token or saw ours refused."""
+        if event == "rejected":
+            current = self.state.token
+            if current is not None and fingerprint(current.value) == fp and self.state.reject(current.value):
+                log.warning("token rejected (seen by another sidecar); refreshing",
+                            extra={"app": self.app.name})
+                self._wake.set()
+        elif event == "new" and self._inflight is None:
+            self._wake_adopt = True
+            self._wake.set()
+
+    async def _adopt_from_store(self) -> None:
+        try:
+            token = await self.store.load(self.app.store_key)
+        except StoreUnavailable:
+            return
+        if token is not None and token != self.state.token and token.value != self.state.rejected \
+                and self.clock() < token.usable_until:
+            self.state.on_adopted(token)
 
     def _may_force(self) -> bool:
         return (self.app.token_api == "stable"

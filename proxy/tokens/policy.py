@@ -115,6 +115,14 @@ class FetchFailure:
         return f"{code}{self.message}"
 
 
+def refresh_due_at(token: Token, refresh_before_s: float) -> float:
+    """When a token should be replaced: `refresh_before_s` ahead of expiry, but
+    never before half its life, so an `expires_in` shorter than the margin
+    cannot turn into a fetch loop."""
+    half_life = token.fetched_at + (token.expires_at - token.fetched_at) / 2
+    return max(token.expires_at - refresh_before_s, half_life)
+
+
 class TokenState:
     """The token of one app and what the sidecar knows about fetching it."""
 
@@ -142,10 +150,7 @@ class TokenState:
         token = self.token
         if token is None or token.value == self.rejected:
             return 0.0
-        # Never earlier than half the token's life: an `expires_in` shorter
-        # than `refresh_before_s` must not turn into a fetch loop.
-        half_life = token.fetched_at + (token.expires_at - token.fetched_at) / 2
-        return max(token.expires_at - self.refresh_before_s, half_life)
+        return refresh_due_at(token, self.refresh_before_s)
 
     def next_fetch_at(self) -> float:
         """When the background refresher should try next, backoff included."""
@@ -194,6 +199,12 @@ class TokenState:
         self.retry_at = 0.0
         self.fetches_ok += 1
         return self.token
+
+    def on_fetched_token(self, token: Token) -> None:
+        """A token this holder fetched itself."""
+        self.on_adopted(token)
+        self.rejected = None   # WeChat vouched for it just now (see on_fetched)
+        self.fetches_ok += 1
 
     def on_adopted(self, token: Token) -> None:
         """A token another holder fetched (shared store); no fetch counted."""

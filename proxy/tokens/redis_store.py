@@ -1,0 +1,256 @@
+"""One token per credential for a whole cluster, kept in Redis.
+
+Keys (all under `key_prefix`):
+  token:<key>           hash {value, fetched_at, expires_at (epoch s), rejected}; expires with the token
+  lock:<key>            owner id; a short lease renewed while its owner fetches
+  fetches:<key>:<day>   token fetches made by the cluster that day (China time)
+  events                pub/sub channel: "new <key> <fp>" / "rejected <key> <fp>"
+
+Sidecars serve from their local copy; Redis is read only when a token is
+due, missing or refused, so a request never waits on Redis while the local
+copy is good. Times cross process boundaries as wall-clock epochs and are
+turned into local monotonic time on the way in and out.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .policy import Token
+from .store import (DEFAULT_DAILY_FETCH_CAP, Accept, EventFn, FetchCapReached, FetchFn,
+                    StoreUnavailable, fingerprint, quota_day)
+
+log = logging.getLogger("proxy.store")
+
+# The fetch lock's lease: short, and renewed while the fetch runs, so a
+# sidecar that dies holding it blocks the others for seconds, not the minute
+# a fixed 60 s lease costs.
+LOCK_LEASE_S = 3.0
+LOCK_RENEW_S = 1.0
+
+# While another sidecar fetches, the others look for its result this often.
+POLL_S = 0.05
+
+# Every Redis call fails fast: an outage must not stall token decisions.
+REDIS_TIMEOUT_S = 1.0
+
+# Resubscribing to events after Redis went away: backoff bounds.
+RESUBSCRIBE_MIN_S, RESUBSCRIBE_MAX_S = 0.2, 5.0
+
+_REJECT = """
+if redis.call('HGET', KEYS[1], 'value') == ARGV[1] and redis.call('HGET', KEYS[1], 'rejected') ~= '1' then
+  redis.call('HSET', KEYS[1], 'rejected', '1')
+  redis.call('PUBLISH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# Count one fetch unless the cap is reached; returns the new count or -1.
+_COUNT = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n >= tonumber(ARGV[1]) then return -1 end
+n = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], 172800)
+return n
+"""
+
+
+def _safe(exc: BaseException) -> str:
+    """A Redis error for a log line: its class and message (never the URL)."""
+    return f"{exc.__class__.__name__}: {exc}"[:200]
+
+
+class RedisStore:
+    def __init__(self, url: str, key_prefix: str = "wts:",
+                 daily_fetch_cap: int = DEFAULT_DAILY_FETCH_CAP,
+                 wait_budget_s: float = 20.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
+        self.prefix = key_prefix
+        self.daily_fetch_cap = daily_fetch_cap
+        self.wait_budget_s = wait_budget_s
+        self.clock, self.wall = clock, wall
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+            decode_responses=True, retry_on_timeout=False, health_check_interval=10)
+        self.owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
+        self.channel = f"{key_prefix}events"
+        self._watchers: dict[str, list[EventFn]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self.errors = 0
+
+    # ------------------------------------------------------------ keys, time
+
+    def _k(self, kind: str, key: str) -> str:
+        return f"{self.prefix}{kind}:{key}"
+
+    def _to_local(self, wall_time: float) -> float:
+        return wall_time - self.wall() + self.clock()
+
+    def _to_wall(self, local_time: float) -> float:
+        return local_time - self.clock() + self.wall()
+
+    async def _call(self, what: str, coro):  # type: ignore[no-untyped-def]
+        try:
+            return await coro
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self.errors += 1
+            raise StoreUnavailable(f"redis {what}: {_safe(exc)}") from None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="store-events")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            try:
+                await self._listener
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            await self.redis.aclose()
+        except (RedisError, OSError):
+            pass
+
+    def watch(self, key: str, callback: EventFn) -> None:
+        self._watchers.setdefault(key, []).append(callback)
+
+    async def _listen(self) -> None:
+        """Follow the events channel; resubscribe with backoff after an outage."""
+        delay = RESUBSCRIBE_MIN_S
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                delay = RESUBSCRIBE_MIN_S
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    self._dispatch(str(message.get("data", "")))
+            except asyncio.CancelledError:
+                await _quiet_close(pubsub)
+                raise
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                self.errors += 1
+                log.warning("store events: %s; resubscribing in %.1f s", _safe(exc), delay)
+            await _quiet_close(pubsub)
+            await asyncio.sleep(delay)
+            delay = min(RESUBSCRIBE_MAX_S, delay * 2)
+
+    def _dispatch(self, data: str) -> None:
+        parts = data.split(" ")
+        if len(parts) != 3:
+            return
+        event, key, fp = parts
+        for callback in self._watchers.get(key, ()):
+            callback(event, fp)
+
+    # ------------------------------------------------------------ tokens
+
+    async def load(self, key: str) -> Token | None:
+        data = await self._call("load", self.redis.hgetall(self._k("token", key)))
+        if not data or data.get("rejected") == "1" or not data.get("value"):
+            return None
+        try:
+            return Token(value=data["value"], fetched_at=self._to_local(float(data["fetched_at"])),
+                         expires_at=self._to_local(float(data["expires_at"])))
+        except (KeyError, ValueError):
+            return None
+
+    async def _save(self, key: str, token: Token) -> None:
+        expires_wall = self._to_wall(token.expires_at)
+        name = self._k("token", key)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(name, mapping={"value": token.value, "fetched_at": repr(self._to_wall(token.fetched_at)),
+                                     "expires_at": repr(expires_wall), "rejected": "0"})
+            pipe.pexpireat(name, int(expires_wall * 1000) + 1000)
+            pipe.publish(self.channel, f"new {key} {fingerprint(token.value)}")
+            await self._call("save", pipe.execute())
+
+    async def reject(self, key: str, bad_value: str) -> bool:
+        done = await self._call("reject", self.redis.eval(
+            _REJECT, 2, self._k("token", key), self.channel, bad_value,
+            f"rejected {key} {fingerprint(bad_value)}"))
+        return bool(done)
+
+    async def fetches_today(self, key: str) -> int | None:
+        value = await self._call("count", self.redis.get(self._k("fetches", f"{key}:{quota_day(self.wall())}")))
+        return int(value or 0)
+
+    # ------------------------------------------------------------ the one fetcher
+
+    async def fetch_exclusive(self, key: str, fetch: FetchFn, accept: Accept) -> tuple[Token, bool]:
+        """Return an acceptable token from Redis, or fetch one while holding the
+        cluster-wide lock. Waits for another sidecar's fetch rather than
+        fetching in parallel; takes over if that sidecar's lease runs out."""
+        lock = self._k("lock", key)
+        deadline = self.clock() + self.wait_budget_s
+        while True:
+            token = await self.load(key)
+            if token is not None and accept(token):
+                return token, False
+            owner = f"{self.owner_prefix}:{uuid.uuid4().hex[:12]}"
+            if await self._call("lock", self.redis.set(lock, owner, nx=True, px=int(LOCK_LEASE_S * 1000))):
+                return await self._fetch_locked(key, lock, owner, fetch, accept)
+            if self.clock() > deadline:
+                raise StoreUnavailable(f"waited {self.wait_budget_s:g} s for another sidecar's token fetch")
+            await asyncio.sleep(POLL_S)
+
+    async def _fetch_locked(self, key: str, lock: str, owner: str, fetch: FetchFn,
+                            accept: Accept) -> tuple[Token, bool]:
+        renew = asyncio.create_task(self._renew(lock, owner))
+        try:
+            token = await self.load(key)          # someone may have finished just before us
+            if token is not None and accept(token):
+                return token, False
+            count = await self._call("count", self.redis.eval(
+                _COUNT, 1, self._k("fetches", f"{key}:{quota_day(self.wall())}"), self.daily_fetch_cap))
+            if int(count) < 0:
+                raise FetchCapReached(f"daily fetch cap of {self.daily_fetch_cap} reached for the cluster "
+                                      f"(store.daily_fetch_cap)")
+            token = await fetch()
+            await self._save(key, token)
+            return token, True
+        finally:
+            renew.cancel()
+            try:
+                await self.redis.eval(_RELEASE, 1, lock, owner)
+            except (RedisError, OSError, asyncio.TimeoutError):
+                pass  # the lease runs out by itself
+
+    async def _renew(self, lock: str, owner: str) -> None:
+        while True:
+            await asyncio.sleep(LOCK_RENEW_S)
+            try:
+                await self.redis.eval(_RENEW, 1, lock, owner, int(LOCK_LEASE_S * 1000))
+            except (RedisError, OSError, asyncio.TimeoutError):
+                pass
+
+
+async def _quiet_close(pubsub) -> None:  # type: ignore[no-untyped-def]
+    try:
+        await pubsub.aclose()
+    except (RedisError, OSError, asyncio.TimeoutError, AttributeError):
+        pass
