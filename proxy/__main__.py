@@ -37,9 +37,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except config_mod.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.setup(os.environ.get("SIDECAR_LOG_LEVEL", "info"), os.environ.get("SIDECAR_LOG_FORMAT", "json"))
+    # The environment overrides the config's log settings (handy for one debug run).
+    logs.setup(os.environ.get("SIDECAR_LOG_LEVEL", cfg.log.level),
+               os.environ.get("SIDECAR_LOG_FORMAT", cfg.log.format))
     from .server import serve
-    return asyncio.run(serve(cfg))
+    path = config_mod.resolve_path(args.config)
+    return asyncio.run(serve(cfg, reload_config=lambda: config_mod.load(path)))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

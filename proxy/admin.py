@@ -11,9 +11,15 @@ from aiohttp import web
 
 from .forward import sidecar_error
 from .tokens import TokenUnavailable
+from .tokens.store import StoreUnavailable
 
 if TYPE_CHECKING:
     from .server import Sidecar
+
+
+# The classic Prometheus text format, which every Prometheus version scrapes
+# and which generate_latest() writes.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def _is_loopback(host: str) -> bool:
@@ -39,7 +45,16 @@ class AdminRoutes:
         return web.json_response({"status": "ready"})
 
     async def apps(self, request: web.Request) -> web.Response:
-        return web.json_response({"apps": [m.status() for m in self.sidecar.managers.values()]})
+        answers = []
+        for manager in self.sidecar.managers.values():
+            status = manager.status()
+            try:
+                status["fetches_today"] = await manager.store.fetches_today(manager.app.store_key)
+            except StoreUnavailable as exc:
+                status["fetches_today"] = None
+                status["store"] = str(exc)
+            answers.append(status)
+        return web.json_response({"apps": answers})
 
     async def refresh(self, request: web.Request) -> web.Response:
         admin = self.sidecar.config.admin
@@ -61,8 +76,13 @@ class AdminRoutes:
         return web.json_response({"app": name, "expires_in": int(token.remaining(time.monotonic())),
                                   "refreshed": True})
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = await self.sidecar.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
     def app(self) -> web.Application:
         app = web.Application()
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/admin/apps", self.apps)

@@ -33,6 +33,11 @@ DEFAULT_MIN_REFRESH_INTERVAL_S = 60.0
 # 2000 a day of /cgi-bin/token (wechat-api-notes.md §3).
 DEFAULT_DAILY_FETCH_CAP = 1000
 
+# SIGTERM: in-flight calls get this long to finish. The Pod's whole budget
+# is terminationGracePeriodSeconds (30 s by default); ~5 s is what the
+# Kubernetes sidecar checklist asks of a sidecar.
+DEFAULT_SHUTDOWN_GRACE_S = 5.0
+
 TOKEN_APIS = ("stable", "client_credential", "wecom")
 
 DEFAULT_UPSTREAMS = {
@@ -104,6 +109,12 @@ class Store:
 
 
 @dataclass(frozen=True)
+class Log:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True)
 class App:
     name: str
     appid: str
@@ -133,6 +144,8 @@ class Config:
     pass_token_errors: bool
     max_body_bytes: int
     apps: tuple[App, ...]
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    log: Log = Log()
 
     def app(self, name: str) -> App | None:
         for app in self.apps:
@@ -365,6 +378,11 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
     refresh_errcodes = top.get("refresh_errcodes", errcodes, frozenset({40001, 40014, 42001}))
     pass_token_errors = top.get("pass_token_errors", _bool(file), False)
     max_body_bytes = top.get("max_body_bytes", _number(file, int, 1024, 1024**3), DEFAULT_MAX_BODY_BYTES)
+    shutdown_grace_s = top.get("shutdown_grace_s", _number(file, float, 0, 300), DEFAULT_SHUTDOWN_GRACE_S)
+    log_s = top.section("log")
+    log = Log(level=log_s.get("level", _choice(file, ("debug", "info", "warning", "error")), "info"),
+              format=log_s.get("format", _choice(file, ("json", "text")), "json"))
+    log_s.done()
 
     apps_raw = top.data.pop("apps", None)
     if not isinstance(apps_raw, list) or not apps_raw:
@@ -382,7 +400,7 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
     return Config(
         source=file, listen=listen, admin=admin, upstream=upstream, store=store,
         refresh_errcodes=refresh_errcodes, pass_token_errors=pass_token_errors,
-        max_body_bytes=max_body_bytes, apps=tuple(apps),
+        max_body_bytes=max_body_bytes, apps=tuple(apps), shutdown_grace_s=shutdown_grace_s, log=log,
     )
 
 

@@ -21,6 +21,7 @@ from multidict import CIMultiDict, istr
 from yarl import URL
 
 from .config import App, Config
+from .metrics import Metrics
 from .tokens import Token, TokenManager, TokenUnavailable
 
 log = logging.getLogger("proxy.forward")
@@ -64,11 +65,20 @@ JSON_TYPES = ("application/json", "text/plain", "text/json")
 SIDECAR_ERRCODE_HEADER = "X-Sidecar-Upstream-Errcode"
 
 
-def sidecar_error(status: int, why: str, headers: dict[str, str] | None = None) -> web.Response:
+def sidecar_error(status: int, why: str, headers: dict[str, str] | None = None,
+                  outcome: str = "") -> web.Response:
     """An error made by the sidecar itself, in WeChat's shape (DESIGN.md)."""
     body = json.dumps({"errcode": -1, "errmsg": f"sidecar: {why}"}, ensure_ascii=False).encode()
-    return web.Response(status=status, body=body, headers={
+    response = web.Response(status=status, body=body, headers={
         "Content-Type": "application/json; charset=utf-8", **(headers or {})})
+    response[OUTCOME] = outcome or _OUTCOME_BY_STATUS.get(status, "bad_request")
+    return response
+
+
+# How a sidecar-made answer is counted in wts_calls_total{outcome}.
+OUTCOME = web.ResponseKey("outcome", str)
+
+_OUTCOME_BY_STATUS = {502: "upstream_unreachable", 504: "upstream_timeout", 503: "no_token"}
 
 
 def strip_access_token(raw_query: str) -> str:
@@ -98,13 +108,14 @@ class _Answer:
 
 class Forwarder:
     def __init__(self, config: Config, managers: dict[str, TokenManager],
-                 session: aiohttp.ClientSession):
+                 session: aiohttp.ClientSession, metrics: Metrics | None = None):
         self.config = config
         self.managers = managers
         self.session = session
         self.apps = {app.name: app for app in config.apps}
         self.default_app = config.apps[0]
         self.refresh_errcodes = config.refresh_errcodes
+        self.metrics = metrics or Metrics()
 
     # ------------------------------------------------------------ routing
 
@@ -139,10 +150,18 @@ class Forwarder:
             app, path = routed
             app_name = app.name
             response = await self._handle(request, app, path, outcome)
+        duration = time.monotonic() - started
+        label = response.get(OUTCOME) or outcome.get("kind") or (
+            "wechat_error" if outcome["errcode"] not in (None, 0) else "ok")
+        if app_name is not None:
+            self.metrics.calls.labels(app_name, label).inc()
+            self.metrics.call_seconds.labels(app_name).observe(duration)
+            if outcome["replayed"]:
+                self.metrics.replays.labels(app_name, str(outcome["first_errcode"])).inc()
         access_log.info("%s %s -> %s", request.method, request.path, response.status, extra={
-            "app": app_name, "request_id": request_id, "method": request.method,
+            "event": "call", "app": app_name, "request_id": request_id, "method": request.method,
             "path": request.path, "status": response.status, "errcode": outcome["errcode"],
-            "replayed": outcome["replayed"], "duration_s": round(time.monotonic() - started, 4)})
+            "replayed": outcome["replayed"], "duration_s": round(duration, 4)})
         return response
 
     async def _handle(self, request: web.Request, app: App, path: str,
@@ -162,6 +181,7 @@ class Forwarder:
 
         if path.startswith(NO_TOKEN_PREFIXES):
             # Pass-through: the call carries its own credentials (§5).
+            outcome["kind"] = "passthrough"
             url = URL(f"{base}?{raw_query}" if raw_query else base, encoded=True)
             return await self._exchange(request, url, headers, body, outcome, token=None,
                                         manager=None, app=app, path=path)
@@ -189,6 +209,7 @@ class Forwarder:
 
         # Token error: invalidate exactly the token we used, replay once.
         first_code = answer.errcode
+        outcome["first_errcode"] = first_code
         answer.resp.release()
         try:
             fresh = await manager.invalidate(token.value)
@@ -213,7 +234,7 @@ class Forwarder:
             return await self._relay(request, answer)
         answer.resp.release()
         return sidecar_error(503, f"token rejected after refresh ({answer.errcode}: {answer.errmsg})",
-                             {SIDECAR_ERRCODE_HEADER: str(answer.errcode)})
+                             {SIDECAR_ERRCODE_HEADER: str(answer.errcode)}, outcome="token_rejected")
 
     # ------------------------------------------------------------ local answers
 

@@ -11,7 +11,7 @@ import sys
 import time
 
 # Extra fields a log call may carry (`extra={...}`); anything else is dropped.
-FIELDS = ("app", "request_id", "method", "path", "status", "errcode", "duration_s",
+FIELDS = ("event", "app", "request_id", "method", "path", "status", "errcode", "duration_s",
           "replayed", "reason", "failure")
 
 _SECRET_RE = re.compile(r"((?:access_token|secret|corpsecret|appsecret)[\"']?\s*[=:]\s*[\"']?)[^&\s\"',}]+",

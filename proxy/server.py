@@ -6,13 +6,15 @@ import asyncio
 import logging
 import signal
 import socket
+from dataclasses import replace
 from typing import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
 
 from .admin import AdminRoutes
-from .config import Config
+from .config import App, Config, ConfigError
+from .metrics import Metrics
 from .forward import Forwarder, sidecar_error
 from .tokens import MemoryStore, TokenManager, TokenStore, make_fetcher
 
@@ -40,6 +42,8 @@ class Sidecar:
         self.store: TokenStore | None = None
         self.managers: dict[str, TokenManager] = {}
         self.forwarder: Forwarder | None = None
+        self.metrics = Metrics()
+        self._retired: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         cfg = self.config
@@ -53,15 +57,75 @@ class Sidecar:
         )
         self.store = make_store(cfg)
         await self.store.start()
-        for app in cfg.apps:
-            fetcher = make_fetcher(app, self.session, cfg.upstream.timeout_s)
-            self.managers[app.name] = TokenManager(app, fetcher, self.store, role=cfg.store.role,
-                                                   on_store_down=cfg.store.on_store_down)
-        self.forwarder = Forwarder(cfg, self.managers, self.session)
+        self.managers = {app.name: self._manager(app) for app in cfg.apps}
+        self.metrics.watch(self.managers, self.store)
+        self.forwarder = Forwarder(cfg, self.managers, self.session, self.metrics)
         for manager in self.managers.values():
             manager.start()
 
+    def _manager(self, app: App) -> TokenManager:
+        assert self.session is not None and self.store is not None
+        fetcher = make_fetcher(app, self.session, self.config.upstream.timeout_s)
+        manager = TokenManager(app, fetcher, self.store, role=self.config.store.role,
+                               on_store_down=self.config.store.on_store_down)
+        m = self.metrics
+        manager.on_refresh = lambda reason: m.refreshes.labels(app.name, reason).inc()
+        manager.on_fetch = lambda result: m.fetches.labels(app.name, app.token_api, result).inc()
+        manager.on_rotated = lambda: m.rotated.labels(app.name).inc()
+        return manager
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply a new config without dropping calls: apps (and their secrets),
+        refresh_errcodes, pass_token_errors and admin.token take effect; what
+        needs new sockets or a new store is kept and reported."""
+        old = self.config
+        kept: list[str] = []
+        for name, same in (("listen", old.listen == new.listen),
+                           ("admin host/port", (old.admin.host, old.admin.port) == (new.admin.host, new.admin.port)),
+                           ("store", old.store == new.store),
+                           ("upstream.timeout_s", old.upstream.timeout_s == new.upstream.timeout_s),
+                           ("max_body_bytes", old.max_body_bytes == new.max_body_bytes)):
+            if not same:
+                kept.append(name)
+        effective = replace(new, listen=old.listen, store=old.store, max_body_bytes=old.max_body_bytes,
+                            admin=replace(new.admin, host=old.admin.host, port=old.admin.port),
+                            upstream=replace(new.upstream, timeout_s=old.upstream.timeout_s))
+        managers: dict[str, TokenManager] = {}
+        started: list[TokenManager] = []
+        for app in effective.apps:
+            current = self.managers.get(app.name)
+            if current is not None and current.app == app:
+                managers[app.name] = current          # unchanged: keep its token
+            else:
+                managers[app.name] = self._manager(app)
+                started.append(managers[app.name])
+        retired = [m for name, m in self.managers.items() if managers.get(name) is not m]
+        self.config = effective
+        self.managers = managers
+        self.metrics.watch(managers, self.store)  # type: ignore[arg-type]
+        assert self.session is not None
+        self.forwarder = Forwarder(effective, managers, self.session, self.metrics)
+        for manager in started:
+            manager.start()
+        for manager in retired:
+            # Calls in flight may still hold it: close it after the grace.
+            task = asyncio.create_task(self._retire(manager))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+        log.info("config reloaded: %d app(s), %d new or changed, %d retired", len(managers),
+                 len(started), len(retired), extra={"event": "reload"})
+        if kept:
+            log.warning("changed in the config but needing a restart (running values kept): %s",
+                        ", ".join(kept), extra={"event": "reload"})
+        return kept
+
+    async def _retire(self, manager: TokenManager) -> None:
+        await asyncio.sleep(self.config.shutdown_grace_s)
+        await manager.close()
+
     async def close(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
         for manager in self.managers.values():
             await manager.close()
         if self.store is not None:
@@ -114,6 +178,7 @@ def build_proxy_app(sidecar: Sidecar) -> web.Application:
 
 
 def build_admin_app(sidecar: Sidecar) -> web.Application:
+    # /metrics lives in admin.py with the other admin routes.
     app = AdminRoutes(sidecar).app()
     app.middlewares.append(_json_errors)
     return app
@@ -170,28 +235,45 @@ async def start_sidecar(config: Config) -> Running:
             sock.close()
         raise
     sidecar = Sidecar(config)
-    runners = [web.AppRunner(build_proxy_app(sidecar), access_log=None, handle_signals=False),
-               web.AppRunner(build_admin_app(sidecar), access_log=None, handle_signals=False)]
+    grace = config.shutdown_grace_s
+    runners = [web.AppRunner(build_proxy_app(sidecar), access_log=None, handle_signals=False,
+                             shutdown_timeout=grace),
+               web.AppRunner(build_admin_app(sidecar), access_log=None, handle_signals=False,
+                             shutdown_timeout=min(grace, 1.0))]
     for runner, sock in zip(runners, sockets):
         await runner.setup()
         await web.SockSite(runner, sock).start()
     return Running(sidecar, runners)
 
 
-async def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT; exit code for the command line."""
+async def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
+    """Run until SIGTERM or SIGINT (exit 0); SIGHUP reloads the config."""
     try:
         running = await start_sidecar(config)
     except OSError as exc:
-        log.error("%s", exc.strerror or exc)
+        log.error("%s", exc.strerror or exc, extra={"event": "listen_failed"})
         return 1
     log.info("listening: proxy on %s:%d, admin on %s:%d", config.listen.host, running.proxy_port,
-             config.admin.host, running.admin_port)
+             config.admin.host, running.admin_port, extra={"event": "listening"})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        if reload_config is None:
+            return
+        try:
+            new = reload_config()
+        except ConfigError as exc:
+            log.error("config reload refused, the running config stays: %s", exc, extra={"event": "reload"})
+            return
+        running.sidecar.reload(new)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
-    log.info("stopping")
+    log.info("stopping: no new connections; in-flight calls get up to %.0f s",
+             running.sidecar.config.shutdown_grace_s, extra={"event": "stopping"})
     await running.stop()
+    log.info("stopped", extra={"event": "stopped"})
     return 0

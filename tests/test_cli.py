@@ -178,3 +178,56 @@ async def test_a_sidecar_that_cannot_listen_exits_without_fetching_a_token(sim, 
     assert second.proc.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in second.output()
     assert sim.attempt_count() == fetches   # the first sidecar's token was not invalidated
+
+
+async def test_sigterm_lets_a_slow_in_flight_call_finish_then_exits_0(sim, spawn, http):
+    port, admin = free_port(), free_port()
+    proc = spawn(sidecar_yaml(sim.url, listen_port=port, admin_port=admin, top="shutdown_grace_s: 5"))
+    await proc.wait_ready(f"http://127.0.0.1:{admin}")
+    sim.settings.latency_s = 1.5
+
+    async def slow_call() -> tuple[int, dict]:
+        async with http.post(f"http://127.0.0.1:{port}/cgi-bin/message/custom/send", data=b'{"m":1}') as resp:
+            return resp.status, await resp.json()
+
+    call = asyncio.create_task(slow_call())
+    await asyncio.sleep(0.4)                          # the call is in flight upstream
+    signalled = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    status, body = await call
+    assert (status, body["errcode"]) == (200, 0)
+    for _ in range(100):
+        if proc.proc.poll() is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert proc.proc.returncode == 0
+    assert time.monotonic() - signalled < 5
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with http.get(f"http://127.0.0.1:{port}/cgi-bin/user/info") as resp:
+            await resp.read()
+    assert '"event": "stopped"' in proc.output()
+
+
+async def test_sighup_applies_a_new_secret_and_refuses_a_broken_config(sim, spawn, http):
+    port, admin = free_port(), free_port()
+    base, admin_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+    proc = spawn(sidecar_yaml(sim.url, listen_port=port, admin_port=admin, secret="not-the-secret"))
+    await asyncio.sleep(0.8)
+    async with http.get(f"{admin_url}/readyz") as resp:
+        assert resp.status == 503                     # 40125: wrong secret
+    proc.config_path.write_text(sidecar_yaml(sim.url, listen_port=port, admin_port=admin))
+    proc.proc.send_signal(signal.SIGHUP)
+    await proc.wait_ready(admin_url, timeout=5)       # the new secret took effect
+    async with http.get(f"{base}/cgi-bin/user/info") as resp:
+        assert resp.status == 200
+
+    proc.config_path.write_text("apps: [{name: mp, appid: x}]\n")   # broken: no secret
+    proc.proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(0.5)
+    for _ in range(5):
+        async with http.get(f"{base}/cgi-bin/user/info") as resp:
+            assert resp.status == 200                 # the old config keeps serving
+    assert proc.proc.poll() is None
+    out = proc.output()
+    assert "config reload refused" in out and "apps[0].secret" in out
+    assert "not-the-secret" not in out and SECRET not in out

@@ -13,7 +13,7 @@ import time
 from typing import Awaitable, Callable
 
 from ..config import App
-from .fetchers import Fetcher, FetchError
+from .fetchers import Fetched, Fetcher, FetchError
 from .policy import FailureKind, Token, TokenState, refresh_due_at
 from .store import FetchCapReached, StoreUnavailable, TokenStore, fingerprint
 
@@ -54,6 +54,10 @@ class TokenManager:
         self._last_force_at = -STABLE_FORCE_SPACING_S
         self.role, self.on_store_down = role, on_store_down
         self.local_fetches_store_down = 0
+        # Observers (metrics); the token logic does not depend on them.
+        self.on_refresh: Callable[[str], None] = lambda reason: None
+        self.on_fetch: Callable[[str], None] = lambda result: None
+        self.on_rotated: Callable[[], None] = lambda: None
         self._wake_adopt = False
 
     # ------------------------------------------------------------ lifecycle
@@ -119,6 +123,7 @@ class TokenManager:
         token; callers that hold an already-replaced one get the new one free."""
         if self.state.reject(bad_token):
             log.warning("token rejected by WeChat; refreshing", extra={"app": self.app.name})
+            self.on_rotated()
             return await self._wait_for_token("errcode")
         token = self.current()
         if token is not None:
@@ -131,6 +136,7 @@ class TokenManager:
         if self.state.reject(bad_token):
             log.warning("fresh token rejected by WeChat too; another system may be "
                         "fetching tokens for this appid", extra={"app": self.app.name})
+            self.on_rotated()
             self._wake.set()
 
     async def refresh_now(self) -> Token:
@@ -193,6 +199,7 @@ class TokenManager:
         if delay > 0:
             await asyncio.sleep(delay)
         self.refreshes[reason] = self.refreshes.get(reason, 0) + 1
+        self.on_refresh(reason)
         rejected = self.state.rejected
         asked_at = self.clock()
         key = self.app.store_key
@@ -209,14 +216,14 @@ class TokenManager:
         async def fetch() -> Token:
             if forced:
                 self.state.spend_forced(self.clock())
-            fetched = await self.fetcher.fetch()
+            fetched = await self._counted_fetch(force=False)
             if rejected is not None and fetched.value == rejected and self._may_force():
                 # stable_token normal mode handed back the token WeChat just
                 # refused: only force mode replaces it (wechat-api-notes.md §1.2).
                 self._last_force_at = self.clock()
                 log.warning("WeChat returned the rejected token again; forcing a new one",
                             extra={"app": self.app.name})
-                fetched = await self.fetcher.fetch(force=True)
+                fetched = await self._counted_fetch(force=True)
             now = self.clock()
             return Token(value=fetched.value, fetched_at=now, expires_at=now + fetched.expires_in)
 
@@ -249,6 +256,15 @@ class TokenManager:
             self.state.on_adopted(token)
             log.info("token taken from the store (%s), expires in %.0f s", reason,
                      token.remaining(self.clock()), extra={"app": self.app.name, "reason": reason})
+
+    async def _counted_fetch(self, force: bool) -> Fetched:
+        try:
+            fetched = await self.fetcher.fetch(force=force)
+        except FetchError as exc:
+            self.on_fetch(exc.kind.value)
+            raise
+        self.on_fetch("ok")
+        return fetched
 
     def _failed(self, kind: FailureKind, errcode: int | None, message: str, reason: str) -> None:
         failure = self.state.on_failed(kind, errcode, message, self.clock(), self.wall(), self.rng)
@@ -295,6 +311,7 @@ class TokenManager:
             if current is not None and fingerprint(current.value) == fp and self.state.reject(current.value):
                 log.warning("token rejected (seen by another sidecar); refreshing",
                             extra={"app": self.app.name})
+                self.on_rotated()
                 self._wake.set()
         elif event == "new" and self._inflight is None:
             self._wake_adopt = True
