@@ -122,7 +122,8 @@ class TokenManager:
         """WeChat rejected `bad_token`. Refresh only if it is still the current
         token; callers that hold an already-replaced one get the new one free."""
         if self.state.reject(bad_token):
-            log.warning("token rejected by WeChat; refreshing", extra={"app": self.app.name})
+            log.warning("token rejected by WeChat; refreshing",
+                        extra={"event": "token_rejected", "app": self.app.name})
             self.on_rotated()
             return await self._wait_for_token("errcode")
         token = self.current()
@@ -135,7 +136,7 @@ class TokenManager:
         refreshes (within the forced-refresh budget), without making this caller wait."""
         if self.state.reject(bad_token):
             log.warning("fresh token rejected by WeChat too; another system may be "
-                        "fetching tokens for this appid", extra={"app": self.app.name})
+                        "fetching tokens for this appid", extra={"event": "token_rejected", "app": self.app.name})
             self.on_rotated()
             self._wake.set()
 
@@ -222,7 +223,7 @@ class TokenManager:
                 # refused: only force mode replaces it (wechat-api-notes.md §1.2).
                 self._last_force_at = self.clock()
                 log.warning("WeChat returned the rejected token again; forcing a new one",
-                            extra={"app": self.app.name})
+                            extra={"event": "token_force", "app": self.app.name})
                 fetched = await self._counted_fetch(force=True)
             now = self.clock()
             return Token(value=fetched.value, fetched_at=now, expires_at=now + fetched.expires_in)
@@ -250,12 +251,13 @@ class TokenManager:
         if by_us:
             self.state.on_fetched_token(token)
             log.info("token fetched (%s), expires in %.0f s", reason, token.remaining(self.clock()),
-                     extra={"app": self.app.name, "reason": reason,
+                     extra={"event": "token_fetched", "app": self.app.name, "reason": reason,
                             "duration_s": round(self.clock() - started, 4)})
         elif token != self.state.token:
             self.state.on_adopted(token)
             log.info("token taken from the store (%s), expires in %.0f s", reason,
-                     token.remaining(self.clock()), extra={"app": self.app.name, "reason": reason})
+                     token.remaining(self.clock()), extra={"event": "token_adopted", "app": self.app.name,
+                                                          "reason": reason})
 
     async def _counted_fetch(self, force: bool) -> Fetched:
         try:
@@ -271,8 +273,8 @@ class TokenManager:
         level = logging.ERROR if kind is not FailureKind.TRANSIENT else logging.WARNING
         log.log(level, "token fetch failed: %s; next try in %.0f s",
                 failure.describe(), max(0.0, self.state.retry_at - self.clock()),
-                extra={"app": self.app.name, "errcode": errcode, "reason": reason,
-                       "failure": kind.value})
+                extra={"event": "token_fetch_failed", "app": self.app.name, "errcode": errcode,
+                       "reason": reason, "failure": kind.value})
 
     async def _store_reject(self, bad_value: str) -> None:
         """Tell the cluster: refresh only if the shared token is still this one."""
@@ -280,7 +282,7 @@ class TokenManager:
             await self.store.reject(self.app.store_key, bad_value)
         except StoreUnavailable as exc:
             log.warning("could not mark the rejected token in the store: %s", exc,
-                        extra={"app": self.app.name})
+                        extra={"event": "store_error", "app": self.app.name})
 
     async def _follow(self, accept: Callable[[Token], bool]) -> Token:
         """role: reader — never fetch; take what a fetching sidecar stored."""
@@ -300,7 +302,7 @@ class TokenManager:
             raise exc
         log.error("store unavailable (%s) and no usable token: fetching locally "
                   "(on_store_down: fetch_locally); other replicas may fetch too", exc,
-                  extra={"app": self.app.name})
+                  extra={"event": "store_down_fetch_locally", "app": self.app.name})
         self.local_fetches_store_down += 1
         return await fetch()
 
@@ -310,7 +312,7 @@ class TokenManager:
             current = self.state.token
             if current is not None and fingerprint(current.value) == fp and self.state.reject(current.value):
                 log.warning("token rejected (seen by another sidecar); refreshing",
-                            extra={"app": self.app.name})
+                            extra={"event": "token_rejected", "app": self.app.name})
                 self.on_rotated()
                 self._wake.set()
         elif event == "new" and self._inflight is None:

@@ -154,7 +154,8 @@ class RedisStore:
                 raise
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 self.errors += 1
-                log.warning("store events: %s; resubscribing in %.1f s", _safe(exc), delay)
+                log.warning("store events: %s; resubscribing in %.1f s", _safe(exc), delay,
+                            extra={"event": "store_error"})
             await _quiet_close(pubsub)
             await asyncio.sleep(delay)
             delay = min(RESUBSCRIBE_MAX_S, delay * 2)
