@@ -3,12 +3,12 @@ refresh interface. Nothing here ever answers a token or a secret."""
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .config import is_loopback
 from .forward import sidecar_error
 from .tokens import TokenUnavailable
 from .tokens.store import StoreUnavailable
@@ -20,13 +20,6 @@ if TYPE_CHECKING:
 # The classic Prometheus text format, which every Prometheus version scrapes
 # and which generate_latest() writes.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 class AdminRoutes:
@@ -42,7 +35,11 @@ class AdminRoutes:
                    for name, m in self.sidecar.managers.items() if m.current() is None}
         if missing:
             return web.json_response({"status": "not ready", "apps": missing}, status=503)
-        return web.json_response({"status": "ready"})
+        # Still ready while a valid token is served, but say what is failing.
+        warnings = {name: f"last fetch failed: {m.state.last_failure.describe()}"
+                    for name, m in self.sidecar.managers.items()
+                    if m.state.failures and m.state.last_failure is not None}
+        return web.json_response({"status": "ready", **({"warnings": warnings} if warnings else {})})
 
     async def apps(self, request: web.Request) -> web.Response:
         answers = []
@@ -62,7 +59,7 @@ class AdminRoutes:
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {admin.token}".encode()):
                 return sidecar_error(401, "admin token required (Authorization: Bearer ...)")
-        elif not _is_loopback(admin.host):
+        elif not is_loopback(admin.host):
             return sidecar_error(403, "admin.token is empty and admin listens beyond loopback: "
                                       "POST refused; set admin.token")
         name = request.query.get("app") or self.sidecar.config.apps[0].name

@@ -6,6 +6,7 @@ reason, so ``python -m proxy check`` can print it and exit 2.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ DEFAULT_DAILY_FETCH_CAP = 1000
 # is terminationGracePeriodSeconds (30 s by default); ~5 s is what the
 # Kubernetes sidecar checklist asks of a sidecar.
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
+
+# A client connection that has not sent a whole request (headers, or its
+# body) within this many seconds is closed: slow clients cannot pin sockets.
+DEFAULT_CLIENT_TIMEOUT_S = 15.0
 
 TOKEN_APIS = ("stable", "client_credential", "wecom")
 
@@ -78,6 +83,7 @@ class _Expanded(str):
 class Listen:
     host: str
     port: int
+    allow_non_loopback: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,7 @@ class Config:
     apps: tuple[App, ...]
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     log: Log = Log()
+    client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S
 
     def app(self, name: str) -> App | None:
         for app in self.apps:
@@ -335,8 +342,14 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
     listen = Listen(
         host=listen_s.get("host", _str(file), "127.0.0.1"),
         port=listen_s.get("port", _number(file, int, 0, 65535), 8080),
+        allow_non_loopback=listen_s.get("allow_non_loopback", _bool(file), False),
     )
     listen_s.done()
+    if not is_loopback(listen.host) and not listen.allow_non_loopback:
+        raise ConfigError(file, "listen.host", (
+            f"{listen.host} is beyond loopback: whoever reaches it can call WeChat as this account "
+            "and read the token from GET /cgi-bin/token. Keep 127.0.0.1 (a Pod's containers share it), "
+            "or set listen.allow_non_loopback: true if that is really meant"))
 
     admin_s = top.section("admin")
     admin = Admin(
@@ -378,6 +391,7 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
     refresh_errcodes = top.get("refresh_errcodes", errcodes, frozenset({40001, 40014, 42001}))
     pass_token_errors = top.get("pass_token_errors", _bool(file), False)
     max_body_bytes = top.get("max_body_bytes", _number(file, int, 1024, 1024**3), DEFAULT_MAX_BODY_BYTES)
+    client_timeout_s = top.get("client_timeout_s", _number(file, float, 0.1, 3600), DEFAULT_CLIENT_TIMEOUT_S)
     shutdown_grace_s = top.get("shutdown_grace_s", _number(file, float, 0, 300), DEFAULT_SHUTDOWN_GRACE_S)
     log_s = top.section("log")
     log = Log(level=log_s.get("level", _choice(file, ("debug", "info", "warning", "error")), "info"),
@@ -401,6 +415,7 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
         source=file, listen=listen, admin=admin, upstream=upstream, store=store,
         refresh_errcodes=refresh_errcodes, pass_token_errors=pass_token_errors,
         max_body_bytes=max_body_bytes, apps=tuple(apps), shutdown_grace_s=shutdown_grace_s, log=log,
+        client_timeout_s=client_timeout_s,
     )
 
 
@@ -442,6 +457,13 @@ def _parse_app(sec: _Section, file: str, global_upstream: str) -> App:
         refresh_before_s=refresh_before_s, upstream=upstream,
         min_refresh_interval_s=min_interval,
     )
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def resolve_path(cli_path: str | None) -> str:

@@ -81,6 +81,61 @@ OUTCOME = web.ResponseKey("outcome", str)
 _OUTCOME_BY_STATUS = {502: "upstream_unreachable", 504: "upstream_timeout", 503: "no_token"}
 
 
+# Request limits answered with JSON before anything is forwarded. aiohttp's own
+# parser limits sit above these (server.py) and answer a bare 400 beyond them.
+MAX_URL_BYTES = 8192          # like nginx's large_client_header_buffers 8k
+MAX_HEADER_COUNT = 100        # like Apache's LimitRequestFields
+MAX_HEADER_BYTES = 32 * 1024
+
+# Path bytes that WeChat paths never contain and that could change where a
+# path points once a server decodes it: encoded slashes, backslashes, NUL.
+_FORBIDDEN_IN_PATH = ("\\", "%5c", "%5C", "%2f", "%2F", "%00", "\x00")
+
+
+def normalize_path(raw: str) -> str | None:
+    """Resolve `.`/`..` (also as %2e), collapse `//`; None when the path
+    escapes the root or carries bytes that could be decoded into a new path."""
+    if not raw.startswith("/"):
+        return None
+    if "/." not in raw and "//" not in raw and "%" not in raw and "\\" not in raw:
+        return raw   # the common case: nothing to resolve
+    if any(bad in raw for bad in _FORBIDDEN_IN_PATH):
+        return None
+    out: list[str] = []
+    for segment in raw.split("/")[1:]:
+        plain = segment.replace("%2e", ".").replace("%2E", ".")
+        if plain in ("", "."):
+            continue
+        if plain == "..":
+            if not out:
+                return None
+            out.pop()
+            continue
+        out.append(segment)
+    path = "/" + "/".join(out)
+    return path + "/" if raw.endswith("/") and out else path
+
+
+def check_request(request: web.Request) -> web.Response | None:
+    """Refuse what must never be forwarded: CONNECT, absolute-form targets
+    (an open proxy), and requests over the size limits."""
+    if request.method == "CONNECT":
+        return sidecar_error(405, "CONNECT is not supported: this is not a forward proxy",
+                             outcome="bad_request")
+    raw = request.raw_path
+    if not raw.startswith("/"):
+        return sidecar_error(400, "absolute-form or malformed request target: send the path only, "
+                                  "the sidecar picks the upstream", outcome="bad_request")
+    if len(raw) > MAX_URL_BYTES:
+        return sidecar_error(414, f"URL longer than {MAX_URL_BYTES} bytes", outcome="bad_request")
+    headers = request.raw_headers
+    if len(headers) > MAX_HEADER_COUNT:
+        return sidecar_error(431, f"more than {MAX_HEADER_COUNT} request headers", outcome="bad_request")
+    if sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
+        return sidecar_error(431, f"request headers larger than {MAX_HEADER_BYTES} bytes", outcome="bad_request")
+    return None
+
+
 def strip_access_token(raw_query: str) -> str:
     """Drop every `access_token` parameter, keeping the rest byte for byte."""
     if "access" not in raw_query and "%" not in raw_query:
@@ -120,8 +175,12 @@ class Forwarder:
     # ------------------------------------------------------------ routing
 
     def route(self, request: web.Request) -> tuple[App, str] | web.Response:
-        """(app, upstream path) by path prefix, else X-WeChat-App, else the default app."""
-        raw_path = request.rel_url.raw_path
+        """(app, upstream path) by path prefix, else X-WeChat-App, else the default app.
+        The path is normalised first, so what names the app is what is forwarded."""
+        raw_path = normalize_path(request.rel_url.raw_path)
+        if raw_path is None:
+            return sidecar_error(400, "path cannot be normalised (it climbs above the root or "
+                                      "carries encoded slashes, backslashes or NUL)", outcome="bad_request")
         _, _, rest = raw_path.partition("/")
         first, slash, tail = rest.partition("/")
         app = self.apps.get(first)
@@ -142,7 +201,7 @@ class Forwarder:
         started = time.monotonic()
         request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
         outcome: dict[str, Any] = {"replayed": False, "errcode": None}
-        routed = self.route(request)
+        routed = check_request(request) or self.route(request)
         if isinstance(routed, web.Response):
             response: web.StreamResponse = routed
             app_name = None
@@ -172,9 +231,12 @@ class Forwarder:
             return local
 
         try:
-            body = await request.read()
+            body = await asyncio.wait_for(request.read(), self.config.client_timeout_s)
         except web.HTTPRequestEntityTooLarge:
             return sidecar_error(413, f"request body over {self.config.max_body_bytes} bytes")
+        except asyncio.TimeoutError:
+            return sidecar_error(408, f"request body not received within {self.config.client_timeout_s:g} s",
+                                 outcome="bad_request")
         headers = self._upstream_headers(request)
         raw_query = request.rel_url.raw_query_string
         base = app.upstream + path

@@ -23,6 +23,11 @@ log = logging.getLogger("proxy.server")
 # Upstream connections kept per sidecar; calls beyond it queue for a free one.
 UPSTREAM_POOL_LIMIT = 100
 
+# aiohttp's parser refuses (bare 400) beyond these; forward.py answers JSON
+# 414/431 at half of them.
+PARSER_MAX_LINE = 2 * 8192
+PARSER_MAX_HEADERS = 256
+
 
 def make_store(cfg: Config) -> TokenStore:
     if cfg.store.kind == "redis":
@@ -165,15 +170,18 @@ async def _json_errors(request: web.Request, handler: Callable) -> web.StreamRes
 
 
 def build_proxy_app(sidecar: Sidecar) -> web.Application:
-    app = web.Application(client_max_size=sidecar.config.max_body_bytes,
-                          middlewares=[_json_errors])
-    app.cleanup_ctx.append(sidecar.context)
+    """Every request on the proxy port goes to the forwarder, matched or not:
+    CONNECT and absolute-form targets match no route, yet must get the
+    forwarder's JSON refusal, so the forwarder is a middleware, not a route."""
 
-    async def forward(request: web.Request) -> web.StreamResponse:
+    @web.middleware
+    async def forward(request: web.Request, handler: Callable) -> web.StreamResponse:
         assert sidecar.forwarder is not None
         return await sidecar.forwarder.handle(request)
 
-    app.router.add_route("*", "/{tail:.*}", forward)
+    app = web.Application(client_max_size=sidecar.config.max_body_bytes,
+                          middlewares=[_json_errors, forward])
+    app.cleanup_ctx.append(sidecar.context)
     return app
 
 
@@ -236,10 +244,14 @@ async def start_sidecar(config: Config) -> Running:
         raise
     sidecar = Sidecar(config)
     grace = config.shutdown_grace_s
+    # keepalive_timeout also closes a connection that never completes a
+    # request (slowloris); the parser limits sit above forward.py's JSON ones.
+    limits = dict(keepalive_timeout=config.client_timeout_s, max_line_size=PARSER_MAX_LINE,
+                  max_field_size=PARSER_MAX_LINE, max_headers=PARSER_MAX_HEADERS)
     runners = [web.AppRunner(build_proxy_app(sidecar), access_log=None, handle_signals=False,
-                             shutdown_timeout=grace),
+                             shutdown_timeout=grace, **limits),
                web.AppRunner(build_admin_app(sidecar), access_log=None, handle_signals=False,
-                             shutdown_timeout=min(grace, 1.0))]
+                             shutdown_timeout=min(grace, 1.0), **limits)]
     for runner, sock in zip(runners, sockets):
         await runner.setup()
         await web.SockSite(runner, sock).start()

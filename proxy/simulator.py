@@ -379,6 +379,13 @@ class WeChatSimulator:
         return web.json_response({"fetches": self.fetches, "fetch_attempts": self.fetch_attempts,
                                   "business_calls": self.business_calls})
 
+    async def ctl_cookies(self, request: web.Request) -> web.Response:
+        """Answers with two Set-Cookie headers (a proxy must pass both back)."""
+        response = web.json_response({"errcode": 0, "errmsg": "ok"})
+        response.headers.add("Set-Cookie", "a=1; Path=/; HttpOnly")
+        response.headers.add("Set-Cookie", "b=2; Path=/")
+        return response
+
     async def ctl_reset(self, request: web.Request) -> web.Response:
         self.reset()
         return web.json_response({"reset": True})
@@ -393,5 +400,6 @@ class WeChatSimulator:
         app.router.add_route("POST", "/_sim/rotate", self.ctl_rotate)
         app.router.add_route("GET", "/_sim/stats", self.ctl_stats)
         app.router.add_route("POST", "/_sim/reset", self.ctl_reset)
+        app.router.add_route("GET", "/_sim/cookies", self.ctl_cookies)
         app.router.add_route("*", "/{tail:.*}", self.business)
         return app
