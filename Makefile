@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check venv clean bench
+.PHONY: demo test check venv clean bench soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,7 @@ clean:
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# The long soak (2 minutes of mixed calls with rotating tokens); `make test` runs a short one.
+soak: $(STAMP)
+	SOAK_SECONDS=120 $(PY) -m pytest -q -s tests/test_soak.py
