@@ -43,6 +43,8 @@ DEFAULT_SHUTDOWN_GRACE_S = 5.0
 # body) within this many seconds is closed: slow clients cannot pin sockets.
 DEFAULT_CLIENT_TIMEOUT_S = 15.0
 
+WECOM_REFRESH_ERRCODES = frozenset({40014, 42001})
+
 TOKEN_APIS = ("stable", "client_credential", "wecom")
 
 DEFAULT_UPSTREAMS = {
@@ -129,6 +131,8 @@ class App:
     refresh_before_s: float
     upstream: str
     min_refresh_interval_s: float
+    inject_secret: bool = False
+    refresh_errcodes: frozenset[int] | None = None   # None: the account kind's default
 
     @property
     def store_key(self) -> str:
@@ -153,6 +157,15 @@ class Config:
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     log: Log = Log()
     client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S
+    no_token_paths: tuple[str, ...] = ()
+
+    def refresh_errcodes_for(self, app: App) -> frozenset[int]:
+        """Errcodes that mean "this token is bad" for one app. WeCom differs:
+        there 40001 means a bad secret; 40014 and 42001 mean a bad token
+        (wechat-api-notes.md §8)."""
+        if app.refresh_errcodes is not None:
+            return app.refresh_errcodes
+        return WECOM_REFRESH_ERRCODES if app.token_api == "wecom" else self.refresh_errcodes
 
     def app(self, name: str) -> App | None:
         for app in self.apps:
@@ -279,6 +292,14 @@ def _bool(file: str) -> Callable[[Any, str], bool]:
     return conv
 
 
+def _errcodes(file: str) -> Callable[[Any, str], frozenset[int]]:
+    def conv(value: Any, key: str) -> frozenset[int]:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(file, key, f"must be a non-empty list of integers, got {_type_name(value)}")
+        return frozenset(_number(file, int, -(2**31), 2**31)(v, f"{key}[{i}]") for i, v in enumerate(value))
+    return conv
+
+
 def _choice(file: str, options: tuple[str, ...]) -> Callable[[Any, str], str]:
     def conv(value: Any, key: str) -> str:
         text = _str(file)(value, key)
@@ -383,12 +404,7 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
         store = Store(kind=kind, daily_fetch_cap=cap)
     store_s.done()
 
-    def errcodes(value: Any, key: str) -> frozenset[int]:
-        if not isinstance(value, list) or not value:
-            raise ConfigError(file, key, f"must be a non-empty list of integers, got {_type_name(value)}")
-        return frozenset(_number(file, int, -(2**31), 2**31)(v, f"{key}[{i}]") for i, v in enumerate(value))
-
-    refresh_errcodes = top.get("refresh_errcodes", errcodes, frozenset({40001, 40014, 42001}))
+    refresh_errcodes = top.get("refresh_errcodes", _errcodes(file), frozenset({40001, 40014, 42001}))
     pass_token_errors = top.get("pass_token_errors", _bool(file), False)
     max_body_bytes = top.get("max_body_bytes", _number(file, int, 1024, 1024**3), DEFAULT_MAX_BODY_BYTES)
     client_timeout_s = top.get("client_timeout_s", _number(file, float, 0.1, 3600), DEFAULT_CLIENT_TIMEOUT_S)
@@ -397,6 +413,17 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
     log = Log(level=log_s.get("level", _choice(file, ("debug", "info", "warning", "error")), "info"),
               format=log_s.get("format", _choice(file, ("json", "text")), "json"))
     log_s.done()
+
+    def paths(value: Any, key: str) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise ConfigError(file, key, f"must be a list of path prefixes, got {_type_name(value)}")
+        out = tuple(_str(file)(v, f"{key}[{i}]") for i, v in enumerate(value))
+        for i, prefix in enumerate(out):
+            if not prefix.startswith("/"):
+                raise ConfigError(file, f"{key}[{i}]", f"must start with '/', got {prefix!r}")
+        return out
+
+    no_token_paths = top.get("no_token_paths", paths, ())
 
     apps_raw = top.data.pop("apps", None)
     if not isinstance(apps_raw, list) or not apps_raw:
@@ -415,7 +442,7 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
         source=file, listen=listen, admin=admin, upstream=upstream, store=store,
         refresh_errcodes=refresh_errcodes, pass_token_errors=pass_token_errors,
         max_body_bytes=max_body_bytes, apps=tuple(apps), shutdown_grace_s=shutdown_grace_s, log=log,
-        client_timeout_s=client_timeout_s,
+        client_timeout_s=client_timeout_s, no_token_paths=no_token_paths,
     )
 
 
@@ -451,11 +478,13 @@ def _parse_app(sec: _Section, file: str, global_upstream: str) -> App:
     upstream = sec.get("upstream", _url(file), default_upstream)
     refresh_before_s = sec.get("refresh_before_s", _number(file, float, 0, 7000), DEFAULT_REFRESH_BEFORE_S)
     min_interval = sec.get("min_refresh_interval_s", _number(file, float, 0, 3600), DEFAULT_MIN_REFRESH_INTERVAL_S)
+    inject_secret = sec.get("inject_secret", _bool(file), False)
+    codes = sec.get("refresh_errcodes", _errcodes(file), None)
     sec.done()
     return App(
         name=name, appid=appid, secret=secret, token_api=token_api,
         refresh_before_s=refresh_before_s, upstream=upstream,
-        min_refresh_interval_s=min_interval,
+        min_refresh_interval_s=min_interval, inject_secret=inject_secret, refresh_errcodes=codes,
     )
 
 

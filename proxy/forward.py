@@ -49,16 +49,28 @@ HOP_BY_HOP = frozenset(istr(h) for h in (
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 # Paths that carry other credentials and must never get the app token
-# (wechat-api-notes.md §5): user OAuth tokens, appid+secret, component tokens.
-NO_TOKEN_PREFIXES = (
-    "/sns/",
-    "/cgi-bin/component/",
-    "/cgi-bin/clear_quota/v2",
-    "/cgi-bin/service/get_suite_token",
-    "/cgi-bin/service/get_provider_token",
-    "/cgi-bin/service/get_corp_token",
-    "/cgi-bin/service/miniprogram/jscode2session",
-)
+# (wechat-api-notes.md §5). One row a path prefix, with what the call carries
+# instead; `no_token_paths` in the config adds rows.
+NO_TOKEN_TABLE: dict[str, str] = {
+    "/sns/": "user OAuth token, or appid + secret + code (jscode2session, oauth2)",
+    "/cgi-bin/component/": "component_access_token (third-party platform)",
+    "/cgi-bin/clear_quota/v2": "appid + appsecret",
+    "/cgi-bin/service/get_suite_token": "WeCom suite credentials",
+    "/cgi-bin/service/get_provider_token": "WeCom provider credentials",
+    "/cgi-bin/service/get_corp_token": "WeCom suite access token",
+    "/cgi-bin/service/miniprogram/jscode2session": "WeCom suite access token",
+    "/cgi-bin/showqrcode": "ticket (mp.weixin.qq.com)",
+}
+NO_TOKEN_PREFIXES = tuple(NO_TOKEN_TABLE)
+
+# Calls WeChat wants the AppSecret on: with `inject_secret: true` the sidecar
+# fills in what the caller left out, so apps never hold the secret (§5, §3).
+SECRET_PARAMS: dict[str, tuple[str, ...]] = {
+    "/sns/jscode2session": ("appid", "secret"),
+    "/sns/oauth2/access_token": ("appid", "secret"),
+    "/sns/oauth2/refresh_token": ("appid",),
+    "/cgi-bin/clear_quota/v2": ("appid", "appsecret"),
+}
 
 JSON_TYPES = ("application/json", "text/plain", "text/json")
 
@@ -136,6 +148,13 @@ def check_request(request: web.Request) -> web.Response | None:
     return None
 
 
+def add_missing_params(raw_query: str, params: dict[str, str]) -> str:
+    """Append `params` the query does not carry yet (by decoded name)."""
+    present = {unquote(part.split("=", 1)[0]) for part in raw_query.split("&") if part}
+    extra = [f"{name}={quote(value, safe='')}" for name, value in params.items() if name not in present]
+    return "&".join(([raw_query] if raw_query else []) + extra)
+
+
 def strip_access_token(raw_query: str) -> str:
     """Drop every `access_token` parameter, keeping the rest byte for byte."""
     if "access" not in raw_query and "%" not in raw_query:
@@ -169,7 +188,8 @@ class Forwarder:
         self.session = session
         self.apps = {app.name: app for app in config.apps}
         self.default_app = config.apps[0]
-        self.refresh_errcodes = config.refresh_errcodes
+        self.refresh_codes = {app.name: config.refresh_errcodes_for(app) for app in config.apps}
+        self.no_token_prefixes = NO_TOKEN_PREFIXES + config.no_token_paths
         self.metrics = metrics or Metrics()
 
     # ------------------------------------------------------------ routing
@@ -241,7 +261,11 @@ class Forwarder:
         raw_query = request.rel_url.raw_query_string
         base = app.upstream + path
 
-        if path.startswith(NO_TOKEN_PREFIXES):
+        if app.inject_secret and path in SECRET_PARAMS:
+            values = {"appid": app.appid, "secret": app.secret, "appsecret": app.secret}
+            raw_query = add_missing_params(raw_query, {n: values[n] for n in SECRET_PARAMS[path]})
+
+        if path.startswith(self.no_token_prefixes):
             # Pass-through: the call carries its own credentials (§5).
             outcome["kind"] = "passthrough"
             url = URL(f"{base}?{raw_query}" if raw_query else base, encoded=True)
@@ -265,7 +289,8 @@ class Forwarder:
         except _UpstreamFailed as exc:
             return exc.response
 
-        if token is None or manager is None or answer.errcode not in self.refresh_errcodes:
+        refresh_codes = self.refresh_codes[app.name]
+        if token is None or manager is None or answer.errcode not in refresh_codes:
             outcome["errcode"] = answer.errcode
             return await self._relay(request, answer)
 
@@ -286,7 +311,7 @@ class Forwarder:
         except _UpstreamFailed as exc:
             return exc.response
         outcome["errcode"] = answer.errcode
-        if answer.errcode not in self.refresh_errcodes:
+        if answer.errcode not in refresh_codes:
             return await self._relay(request, answer)
 
         # A second token failure. Never hand 40001/42001/40014 back by default:
@@ -321,9 +346,7 @@ class Forwarder:
             except (ValueError, web.HTTPRequestEntityTooLarge):
                 pass
         try:
-            token = manager.current() or await manager.get()
-            if force:
-                token = await manager.invalidate(token.value)
+            token = await manager.refresh_for_caller() if force else (manager.current() or await manager.get())
         except TokenUnavailable as exc:
             return sidecar_error(503, str(exc))
         left = max(1, int(token.remaining(time.monotonic())))

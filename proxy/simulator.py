@@ -49,6 +49,7 @@ class SimSettings:
     token_fault: str = ""            # "", http500, busy, garbage, html, empty, no_token, absurd_expires, errcode:N
     error_content_type: str = "application/json; encoding=utf-8"
     reject_all: bool = False         # every business call answers 40001
+    wecom_errors: bool = False       # answer bad tokens as WeCom does: 40014, not 40001 (§8)
 
 
 @dataclass
@@ -124,21 +125,29 @@ class WeChatSimulator:
             previous.dead_at = min(previous.dead_at, now + grace_s)
         self.history[key] = [previous] if previous is not None else []
 
-    def rotate(self, appid: str, api: str = "stable", grace_s: float = 0.0) -> str:
+    @staticmethod
+    def wecom_key(corpid: str, corpsecret: str) -> str:
+        """WeCom tokens belong to one application: corp and agent secret (§8)."""
+        return f"wecom:{corpid}:{hashlib.sha256(corpsecret.encode()).hexdigest()[:16]}"
+
+    def rotate(self, appid: str, api: str = "stable", grace_s: float = 0.0, key: str | None = None) -> str:
         """Another system fetched a token for this appid (test control)."""
-        key = f"{api}:{appid}"
+        key = key or f"{api}:{appid}"
+        api = key.split(":", 1)[0]
         self._supersede(key, grace_s)
         return self._new_token(api, key).value
 
     def token_error(self, value: str | None) -> tuple[int, str] | None:
+        invalid = ((40014, "invalid access_token") if self.settings.wecom_errors
+                   else (40001, "invalid credential, access_token is invalid or not latest"))
         if self.settings.reject_all and value:
-            return 40001, "invalid credential, access_token is invalid or not latest"
+            return invalid
         if not value:
             return 41001, "access_token missing"
         issued = self.tokens.get(value)
         now = self.clock()
         if issued is None or now >= issued.dead_at:
-            return 40001, "invalid credential, access_token is invalid or not latest"
+            return invalid
         if now >= issued.expires_at:
             return 42001, "access_token expired"
         return None
@@ -282,7 +291,7 @@ class WeChatSimulator:
 
     async def wecom_gettoken(self, request: web.Request) -> web.StreamResponse:
         corpid, corpsecret = request.query.get("corpid", ""), request.query.get("corpsecret", "")
-        key = f"wecom:{corpid}:{hashlib.sha256(corpsecret.encode()).hexdigest()[:16]}"
+        key = self.wecom_key(corpid, corpsecret)
         fault = await self._token_fault(key)
         if fault is not None:
             return fault
@@ -298,6 +307,38 @@ class WeChatSimulator:
         if current is not None and now < current.dead_at and now < current.expires_at:
             return self._token_answer(current, wecom=True)  # same token until expiry (§8)
         return self._token_answer(self._new_token("wecom", key), wecom=True)
+
+    # ------------------------------------------------------------ calls that carry the secret
+
+    def _check_app_secret(self, appid: str, secret: str | None) -> tuple[int, str] | None:
+        if not appid:
+            return 41002, "appid missing"
+        if appid not in self.accounts:
+            return 40013, "invalid appid"
+        if secret is not None and not secrets.compare_digest(secret, self.accounts[appid]):
+            return 40125 if secret else 41004, "invalid appsecret" if secret else "appsecret missing"
+        return None
+
+    async def secret_call(self, request: web.Request) -> web.StreamResponse:
+        """jscode2session, oauth2 and clear_quota/v2: appid + secret, no token."""
+        q = request.query
+        path = request.path
+        await self._record(request, b"", None)
+        secret_name = {"/cgi-bin/clear_quota/v2": "appsecret", "/sns/oauth2/refresh_token": None}.get(path, "secret")
+        error = self._check_app_secret(q.get("appid", ""), q.get(secret_name, "") if secret_name else None)
+        if error is not None:
+            return self._error(*error)
+        digest = hashlib.sha256((q.get("js_code", "") + q.get("code", "") + q.get("refresh_token", "")).encode()).hexdigest()
+        if path == "/sns/jscode2session":
+            if not q.get("js_code"):
+                return self._error(41008, "missing code")
+            return self._json({"openid": "o" + digest[:27], "session_key": digest[27:51]})
+        if path == "/cgi-bin/clear_quota/v2":
+            self.daily.clear()
+            return self._json({"errcode": 0, "errmsg": "ok"})
+        return self._json({"access_token": "USER_" + digest[:40], "expires_in": 7200,
+                           "refresh_token": "REFRESH_" + digest[:40], "openid": "o" + digest[:27],
+                           "scope": "snsapi_base"})
 
     # ------------------------------------------------------------ business endpoints
 
@@ -396,6 +437,9 @@ class WeChatSimulator:
         app.router.add_route("GET", "/cgi-bin/token", self.get_token)
         app.router.add_route("*", "/cgi-bin/stable_token", self.stable_token)
         app.router.add_route("GET", "/cgi-bin/gettoken", self.wecom_gettoken)
+        for path in ("/sns/jscode2session", "/sns/oauth2/access_token", "/sns/oauth2/refresh_token",
+                     "/cgi-bin/clear_quota/v2"):
+            app.router.add_route("*", path, self.secret_call)
         app.router.add_route("*", "/_sim/settings", self.ctl_settings)
         app.router.add_route("POST", "/_sim/rotate", self.ctl_rotate)
         app.router.add_route("GET", "/_sim/stats", self.ctl_stats)

@@ -52,7 +52,8 @@ async def sim() -> AsyncIterator[WeChatSimulator]:
 
 def sidecar_yaml(upstream: str, *, app: str = "", top: str = "", listen_port: int = 0,
                  admin_port: int = 0, secret: str = SECRET, token_api: str = "stable",
-                 refresh_before_s: float = 240, min_refresh_interval_s: float = 0) -> str:
+                 refresh_before_s: float = 240, min_refresh_interval_s: float = 0,
+                 app_extra: str = "") -> str:
     """A config for tests: one app `mp` against the simulator, plus extras."""
     return textwrap.dedent(f"""\
         listen: {{host: 127.0.0.1, port: {listen_port}}}
@@ -66,7 +67,7 @@ def sidecar_yaml(upstream: str, *, app: str = "", top: str = "", listen_port: in
             token_api: {token_api}
             refresh_before_s: {refresh_before_s}
             min_refresh_interval_s: {min_refresh_interval_s}
-        """) + textwrap.indent(textwrap.dedent(app), "  ")
+        """) + textwrap.indent(app_extra, "    ") + textwrap.indent(textwrap.dedent(app), "  ")
 
 
 SidecarFactory = Callable[..., Awaitable[Running]]

@@ -27,6 +27,10 @@ STABLE_FORCE_SPACING_S = 30.0
 # a clear 503 at once rather than hanging until the app's own timeout.
 MAX_CALLER_WAIT_S = 5.0
 
+# A caller's force_refresh within this long after a fetch gets that fetch's
+# token: SDKs that all ask at once after one 40001 share one refresh.
+CALLER_REFRESH_COALESCE_S = 2.0
+
 # A reader looks for the fetchers' new token this often while it waits.
 READER_POLL_S = 0.05
 
@@ -140,6 +144,22 @@ class TokenManager:
             self.on_rotated()
             self._wake.set()
 
+    async def refresh_for_caller(self) -> Token:
+        """A caller (an SDK's force_refresh) asks for a new token without saying
+        which one failed. Coalesce: share a refresh under way or one that just
+        finished; when the forced-refresh budget is spent, the valid token."""
+        token = self.current()
+        if token is not None and self.clock() - token.fetched_at < CALLER_REFRESH_COALESCE_S:
+            return token
+        if self._inflight is None and token is not None:
+            self._start_refresh("caller", use_store=False)
+        try:
+            return await self._wait_for_token("caller")
+        except TokenUnavailable:
+            if token is not None and self.current() is not None:
+                return self.current()  # type: ignore[return-value]
+            raise
+
     async def refresh_now(self) -> Token:
         """The passive refresh interface (admin): fetch now, coalesced with any
         fetch under way; overrides a backoff, not the forced-refresh budget."""
@@ -179,7 +199,7 @@ class TokenManager:
     def _start_refresh(self, reason: str, use_store: bool = True) -> asyncio.Task[None]:
         if self._inflight is None:
             now = self.clock()
-            forced = reason in ("errcode", "admin") or self.state.rejected is not None
+            forced = reason in ("errcode", "admin", "caller") or self.state.rejected is not None
             not_before = self.state.forced_fetch_at(now) if forced else max(now, self.state.retry_at)
             self._inflight_starts_at = not_before
             self._inflight = asyncio.create_task(self._fetch(reason, not_before, forced, use_store),
@@ -218,7 +238,7 @@ class TokenManager:
             if forced:
                 self.state.spend_forced(self.clock())
             fetched = await self._counted_fetch(force=False)
-            if rejected is not None and fetched.value == rejected and self._may_force():
+            if reason == "errcode" and rejected is not None and fetched.value == rejected and self._may_force():
                 # stable_token normal mode handed back the token WeChat just
                 # refused: only force mode replaces it (wechat-api-notes.md §1.2).
                 self._last_force_at = self.clock()
