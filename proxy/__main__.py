@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 
 from . import config as config_mod
 from . import logs
@@ -38,11 +39,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     # The environment overrides the config's log settings (handy for one debug run).
-    logs.setup(os.environ.get("SIDECAR_LOG_LEVEL", cfg.log.level),
-               os.environ.get("SIDECAR_LOG_FORMAT", cfg.log.format))
+    cfg = replace(cfg, log=config_mod.Log(level=os.environ.get("SIDECAR_LOG_LEVEL", cfg.log.level),
+                                          format=os.environ.get("SIDECAR_LOG_FORMAT", cfg.log.format)))
+    logs.setup(cfg.log.level, cfg.log.format)
     from .server import serve
     path = config_mod.resolve_path(args.config)
-    return asyncio.run(serve(cfg, reload_config=lambda: config_mod.load(path)))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(serve(cfg, reload_config=lambda: config_mod.load(path)))
+
+
+def _loop_factory():  # type: ignore[no-untyped-def]
+    """uvloop when it is installed (pip install 'wechat-token-sidecar[fast]'),
+    else asyncio's own loop; SIDECAR_LOOP=asyncio forces the latter."""
+    if os.environ.get("SIDECAR_LOOP", "") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

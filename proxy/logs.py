@@ -55,3 +55,72 @@ def setup(level: str = "info", fmt: str = "json") -> None:
     root.setLevel(level.upper())
     # aiohttp's own access log prints full URLs (queries carry tokens): off.
     logging.getLogger("aiohttp.access").disabled = True
+
+
+class AccessLog:
+    """The per-call access lines, off the logging module's slow path.
+
+    One line per call through `logging` cost about a quarter of the proxy's
+    CPU (record objects, handler locks, a write syscall per line). Lines are
+    built here directly and written in batches: flushed every FLUSH_S or
+    when BATCH_BYTES pile up, and at shutdown. Same fields, same format,
+    same level switch (the `proxy.access` logger at INFO).
+    """
+
+    FLUSH_S = 0.1
+    BATCH_BYTES = 64 * 1024
+
+    def __init__(self, fmt: str = "json", stream=None):  # type: ignore[no-untyped-def]
+        self.fmt = fmt
+        self.stream = stream
+        self.logger = logging.getLogger("proxy.access")
+        self._lines: list[str] = []
+        self._size = 0
+        self._timer: object | None = None
+        self._second = -1
+        self._stamp = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO) and not self.logger.disabled
+
+    def _ts(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
+
+    def call(self, fields: dict) -> None:  # type: ignore[type-arg]
+        now = time.time()
+        path = fields.get("path", "")
+        if "=" in path:
+            fields["path"] = redact(path)
+        msg = f"{fields.get('method')} {fields['path']} -> {fields.get('status')}"
+        if self.fmt == "json":
+            line = json.dumps({"ts": self._ts(now), "level": "info", "logger": "proxy.access", "msg": msg,
+                               **{k: v for k, v in fields.items() if v is not None}}, ensure_ascii=False)
+        else:
+            extras = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            line = f"{time.strftime('%H:%M:%S', time.localtime(now))} INFO    {msg} {extras}"
+        self._lines.append(line + "\n")
+        self._size += len(line) + 1
+        if self._size >= self.BATCH_BYTES:
+            self.flush()
+        elif self._timer is None:
+            try:
+                import asyncio
+                self._timer = asyncio.get_running_loop().call_later(self.FLUSH_S, self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        self._timer = None
+        if not self._lines:
+            return
+        data, self._lines, self._size = "".join(self._lines), [], 0
+        stream = self.stream or sys.stdout
+        try:
+            stream.write(data)
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # stdout gone (shutting down): nothing better to do
