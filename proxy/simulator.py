@@ -383,7 +383,10 @@ class WeChatSimulator:
         resp = web.StreamResponse(headers={
             "Content-Type": "image/jpeg",
             "Content-Disposition": f'attachment; filename="{media_id}.jpg"'})
-        resp.content_length = size
+        if request.query.get("chunked") == "1":
+            resp.enable_chunked_encoding()      # as some gateways answer
+        else:
+            resp.content_length = size
         await resp.prepare(request)
         for chunk in media_bytes(media_id, size):
             await resp.write(chunk)

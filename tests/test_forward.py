@@ -320,3 +320,13 @@ async def test_token_endpoints_are_answered_locally_with_the_shared_token(sim, m
         got = await resp.json()
     assert got["access_token"] == token and set(got) == {"access_token", "expires_in"}
     assert sim.attempt_count() == fetches      # nothing reached WeChat's token endpoints
+
+
+@pytest.mark.parametrize("size", [100, 70_000, 3_000_000])
+async def test_chunked_binary_answers_pass_through_whole(sim, make_sidecar, http, size):
+    from proxy.simulator import media_bytes
+    sc = await make_sidecar()
+    async with http.get(f"{sc.base}/cgi-bin/media/get?media_id=CH&size={size}&chunked=1") as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"] == "image/jpeg"
+        data = await resp.read()
+    assert hashlib.sha256(data).hexdigest() == hashlib.sha256(b"".join(media_bytes("CH", size))).hexdigest()

@@ -1,0 +1,223 @@
+"""proxy/upstream.py, the lean HTTP/1.1 client, against real aiohttp servers:
+chunked and HEAD answers, keep-alive reuse (also after errors and after the
+upstream drops idle connections), backpressure, timeouts, and TLS with
+certificate and hostname verification."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import ssl
+import subprocess
+
+import pytest
+from aiohttp import web
+
+from proxy.upstream import UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamTimeout
+
+from .conftest import free_port
+
+BIG = 8 * 1024 * 1024
+
+
+async def chunked(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    for i in range(50):
+        await resp.write(bytes([i]) * 1000)
+    await resp.write_eof()
+    return resp
+
+
+async def big(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse()
+    resp.content_length = BIG
+    await resp.prepare(request)
+    block = bytes(range(256)) * 256
+    for _ in range(BIG // len(block)):
+        await resp.write(block)
+    await resp.write_eof()
+    return resp
+
+
+async def echo(request: web.Request) -> web.Response:
+    body = await request.read()
+    return web.json_response({"method": request.method, "path_qs": request.path_qs,
+                              "host": request.headers.get("Host"), "len": len(body),
+                              "x": request.headers.get("X-Thing"), "peer": id(request.transport)})
+
+
+async def slow(request: web.Request) -> web.Response:
+    await asyncio.sleep(2)
+    return web.Response(text="late")
+
+
+async def serve(ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"):
+    app = web.Application()
+    app.router.add_get("/chunked", chunked)
+    app.router.add_get("/big", big)
+    app.router.add_get("/slow", slow)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+    return runner, port
+
+
+@pytest.fixture
+async def upstream():
+    runner, port = await serve()
+    yield port
+    await runner.cleanup()
+
+
+async def body_of(resp, timeout=5.0) -> bytes:
+    parts = []
+    while chunk := await resp.read_chunk(timeout):
+        parts.append(chunk)
+    resp.release()
+    return b"".join(parts)
+
+
+async def test_requests_reuse_one_keep_alive_connection(upstream):
+    pool = UpstreamPool(f"http://127.0.0.1:{upstream}", 5)
+    peers = set()
+    for i in range(5):
+        resp = await pool.request("POST", f"/a?i={i}", [(b"X-Thing", b"v")], b"x" * 100)
+        assert resp.status == 200
+        data = await body_of(resp)
+        import json
+        answer = json.loads(data)
+        assert (answer["path_qs"], answer["len"], answer["x"]) == (f"/a?i={i}", 100, "v")
+        assert answer["host"] == f"127.0.0.1:{upstream}"
+        peers.add(answer["peer"])
+    assert len(peers) == 1
+    pool.close()
+
+
+async def test_chunked_answers_are_de_chunked_and_complete(upstream):
+    pool = UpstreamPool(f"http://127.0.0.1:{upstream}", 5)
+    resp = await pool.request("GET", "/chunked", [], b"")
+    assert resp.content_length is None
+    data = await body_of(resp)
+    assert data == b"".join(bytes([i]) * 1000 for i in range(50))
+    resp = await pool.request("GET", "/x", [], b"")      # the connection is reusable after it
+    assert resp.status == 200
+    await body_of(resp)
+    pool.close()
+
+
+async def test_head_answers_end_without_a_body(upstream):
+    pool = UpstreamPool(f"http://127.0.0.1:{upstream}", 5)
+    resp = await pool.request("HEAD", "/x", [], b"")
+    assert resp.status == 200 and await body_of(resp) == b""
+    pool.close()
+
+
+async def test_a_large_answer_streams_with_backpressure(upstream):
+    pool = UpstreamPool(f"http://127.0.0.1:{upstream}", 5)
+    resp = await pool.request("GET", "/big", [], b"")
+    await asyncio.sleep(0.3)                              # a slow reader: the buffer stays bounded
+    assert resp._buffered <= 2 * 256 * 1024 + 65536
+    digest, size = hashlib.sha256(), 0
+    while chunk := await resp.read_chunk(5):
+        digest.update(chunk)
+        size += len(chunk)
+    resp.release()
+    expected = hashlib.sha256((bytes(range(256)) * 256) * (BIG // 65536)).hexdigest()
+    assert size == BIG and digest.hexdigest() == expected
+    pool.close()
+
+
+async def test_a_timeout_is_reported_and_the_next_call_uses_a_fresh_connection(upstream):
+    pool = UpstreamPool(f"http://127.0.0.1:{upstream}", 0.3)
+    with pytest.raises(UpstreamTimeout):
+        await pool.request("GET", "/slow", [], b"")
+    resp = await pool.request("GET", "/x", [], b"")
+    assert resp.status == 200
+    await body_of(resp)
+    pool.close()
+
+
+async def test_idle_connections_closed_by_the_upstream_are_replaced():
+    runner, port = await serve()
+    pool = UpstreamPool(f"http://127.0.0.1:{port}", 5)
+    resp = await pool.request("GET", "/x", [], b"")
+    await body_of(resp)
+    await runner.cleanup()                                # the upstream restarts...
+    app_runner, _ = await _serve_on(port)                 # ...on the same port
+    try:
+        resp = await pool.request("GET", "/again", [], b"")
+        assert resp.status == 200
+        await body_of(resp)
+    finally:
+        pool.close()
+        await app_runner.cleanup()
+
+
+async def _serve_on(port: int):
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
+async def test_connection_refused_is_a_connect_error():
+    pool = UpstreamPool(f"http://127.0.0.1:{free_port()}", 2)
+    with pytest.raises(UpstreamConnectError, match="cannot connect to upstream 127.0.0.1"):
+        await pool.request("GET", "/x", [], b"")
+    pool.close()
+
+
+async def test_calls_beyond_the_pool_limit_queue_instead_of_failing(upstream):
+    pool = UpstreamPool(f"http://127.0.0.1:{upstream}", 5, limit=3)
+
+    async def one(i: int) -> int:
+        resp = await pool.request("GET", f"/q{i}", [], b"")
+        await body_of(resp)
+        return resp.status
+
+    assert await asyncio.gather(*(one(i) for i in range(30))) == [200] * 30
+    assert len(pool._idle) <= 3
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    return d / "cert.pem", d / "key.pem"
+
+
+async def test_tls_upstreams_are_verified_with_sni(certificate):
+    cert, key = certificate
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    runner, port = await serve(server_ctx)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    try:
+        pool = UpstreamPool(f"https://localhost:{port}", 5, ssl_context=trusting)
+        resp = await pool.request("GET", "/tls?x=1", [], b"")
+        assert resp.status == 200 and b"/tls?x=1" in await body_of(resp)
+        pool.close()
+        # the same server under a name its certificate does not carry: refused
+        pool = UpstreamPool(f"https://127.0.0.1:{port}", 5, ssl_context=trusting)
+        with pytest.raises(UpstreamError):
+            await pool.request("GET", "/tls", [], b"")
+        pool.close()
+        # and a certificate nobody vouches for: refused
+        pool = UpstreamPool(f"https://localhost:{port}", 5)
+        with pytest.raises(UpstreamError):
+            await pool.request("GET", "/tls", [], b"")
+        pool.close()
+    finally:
+        await runner.cleanup()
