@@ -1,9 +1,12 @@
-"""`make bench`: throughput of the sidecar, in one run, on this machine.
+"""`make bench`: the sidecar against the alternatives, in one run, on this machine.
 
-Starts nginx as a static WeChat stand-in (token endpoint + small JSON), a
-redis-server of its own, and the sidecar twice (store: memory, store: redis),
-each pinned to CPU 0 with wrk on CPU 1. Prints a markdown table and writes
-bench/results.json. Everything it starts it stops, by PID. Loopback only.
+Starts nginx as a static stand-in for WeChat (token endpoint, small JSON, a
+20 MiB binary) and as a proxy appending a static token, a minimal aiohttp
+proxy (bench/minimal_proxy.py), a redis-server, and the sidecar with
+`store: memory` and `store: redis`. Proxies are pinned to CPU 0, wrk and the
+upstream to CPU 1. Prints a markdown table and the targets of issue 7, and
+writes bench/results.json. Everything it starts it stops, by PID; loopback
+only; bounded in time (about three minutes at the default --seconds).
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+MEDIA_BYTES = 20 * 1024 * 1024
+POST_BODY = json.dumps({"touser": "o", "msgtype": "text", "text": {"content": "x" * 1990}})[:2048]
 
 NGINX_CONF = """
 worker_processes 1;
@@ -39,18 +44,37 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     keepalive_requests 1000000;
-    server {{
-        listen 127.0.0.1:{port};
+    server {{                                   # the upstream: WeChat's stand-in
+        listen 127.0.0.1:{up};
         location = /cgi-bin/stable_token {{
             default_type application/json;
             return 200 '{{"access_token":"BENCH_TOKEN_0123456789","expires_in":7200}}';
+        }}
+        location = /cgi-bin/media/get {{
+            default_type image/jpeg;
+            alias {tmp}/media.bin;
         }}
         location / {{
             default_type application/json;
             return 200 '{{"errcode":0,"errmsg":"ok","data":"small json answer"}}';
         }}
     }}
+    upstream wechat {{ server 127.0.0.1:{up}; keepalive 64; }}
+    server {{                                   # nginx appending a static token
+        listen 127.0.0.1:{px};
+        location / {{
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass http://wechat$uri?$args&access_token=STATIC_TOKEN;
+        }}
+    }}
 }}
+"""
+
+WRK_POST = """
+wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
 """
 
 
@@ -60,37 +84,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def which(tool: str) -> str:
+    return shutil.which(tool) or f"/usr/sbin/{tool}"
+
+
 def ensure_tools() -> None:
-    missing = [tool for tool in ("wrk", "nginx", "redis-server", "taskset") if shutil.which(tool) is None
-               and not Path(f"/usr/sbin/{tool}").exists()]
+    packages = {"wrk": "wrk", "nginx": "nginx-light", "redis-server": "redis-server", "taskset": "util-linux"}
+    missing = [t for t in packages if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
     if missing:
-        packages = {"wrk": "wrk", "nginx": "nginx-light", "redis-server": "redis-server", "taskset": "util-linux"}
         print(f"installing {', '.join(missing)} with apt-get", flush=True)
         subprocess.run(["apt-get", "update", "-qq"], check=True)
         subprocess.run(["apt-get", "install", "-y", "-qq", *{packages[m] for m in missing}], check=True,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
-def which(tool: str) -> str:
-    return shutil.which(tool) or f"/usr/sbin/{tool}"
-
-
-def wait_http(url: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} not ready in {timeout} s")
+def pinned(args: list[str], cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu), *args] if (os.cpu_count() or 1) > 1 else args
 
 
 @contextmanager
-def process(args: list[str], cpu: int | None = None, **kw) -> Iterator[subprocess.Popen[bytes]]:
-    if cpu is not None and shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1:
-        args = ["taskset", "-c", str(cpu), *args]
+def process(args: list[str], **kw) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
     try:
         yield proc
@@ -104,33 +117,77 @@ def process(args: list[str], cpu: int | None = None, **kw) -> Iterator[subproces
                 proc.wait()
 
 
+def wait_http(url: str, timeout: float = 15) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            time.sleep(0.005)
+    raise RuntimeError(f"{url} not ready in {timeout} s")
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mib(pid: int) -> float:
+def mem_kib(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
 
 
-def wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
-    out = subprocess.run(["taskset", "-c", "1", which("wrk"), "-t1", f"-c{connections}", f"-d{seconds}s",
-                          "--latency", url], capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+def wrk(url: str, connections: int, seconds: int, script: Path | None = None) -> dict[str, float]:
+    args = [which("wrk"), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
+    if script:
+        args += ["-s", str(script)]
+    out = subprocess.run(pinned(args + [url], 1), capture_output=True, text=True, check=True).stdout
 
     def ms(pct: str) -> float:
         m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        if not m:
-            return float("nan")
-        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else float("nan")
 
-    return {"rps": rps, "requests": total, "non_2xx": int(errors.group(1)) if errors else 0,
-            "p50_ms": ms("50"), "p99_ms": ms("99")}
+    transfer = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", out)
+    mib_s = float(transfer.group(1)) * {"B": 1 / 2**20, "KB": 1 / 1024, "MB": 1, "GB": 1024}[transfer.group(2)] \
+        if transfer else 0.0
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+            "non_2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": sum(map(int, socket_errors.groups())) if socket_errors else 0,
+            "p50_ms": ms("50"), "p99_ms": ms("99"), "mib_s": mib_s}
+
+
+class Target:
+    def __init__(self, name: str, base: str, pid: int | None):
+        self.name, self.base, self.pid = name, base, pid
+        self.r: dict[str, float] = {}
+
+    def run(self, seconds: int, post_script: Path, binary: bool) -> None:
+        get = f"{self.base}/cgi-bin/user/info?openid=o1"
+        wrk(get, 64, 2)                                            # warm-up
+        cpu0 = cpu_seconds(self.pid) if self.pid else 0.0
+        res = wrk(get, 64, seconds)
+        self.r["get_rps"], self.r["get_errors"] = res["rps"], res["non_2xx"] + res["socket_errors"]
+        if self.pid:
+            self.r["cpu_us_per_call"] = (cpu_seconds(self.pid) - cpu0) / max(1, res["requests"]) * 1e6
+        self.r["post_rps"] = wrk(f"{self.base}/cgi-bin/message/custom/send", 64, seconds, post_script)["rps"]
+        lat = wrk(get, 4, seconds)
+        self.r["p50_ms"], self.r["p99_ms"] = lat["p50_ms"], lat["p99_ms"]
+        if self.pid:
+            self.r["peak_rss_mib"] = mem_kib(self.pid, "VmHWM") / 1024
+        if binary:
+            before = mem_kib(self.pid, "VmRSS") if self.pid else 0
+            res = wrk(f"{self.base}/cgi-bin/media/get?media_id=M1", 16, seconds)
+            self.r["binary_mib_s"] = res["mib_s"]
+            self.r["binary_errors"] = res["non_2xx"] + res["socket_errors"]
+            if self.pid:
+                self.r["binary_rss_growth_mib"] = (mem_kib(self.pid, "VmHWM") - before) / 1024
 
 
 def sidecar_config(tmp: Path, name: str, upstream: str, store: str) -> tuple[Path, int, int]:
@@ -139,7 +196,7 @@ def sidecar_config(tmp: Path, name: str, upstream: str, store: str) -> tuple[Pat
     path.write_text(f"""
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin}}}
-upstream: {{base_url: "{upstream}", timeout_s: 5}}
+upstream: {{base_url: "{upstream}", timeout_s: 15}}
 store: {store}
 apps:
   - {{name: mp, appid: wxbench, secret: bench-secret, token_api: stable}}
@@ -147,54 +204,101 @@ apps:
     return path, port, admin
 
 
-def measure_sidecar(tmp: Path, name: str, upstream: str, store: str, seconds: int) -> dict[str, float]:
-    path, port, admin = sidecar_config(tmp, name, upstream, store)
-    env = {**os.environ, "SIDECAR_LOG_LEVEL": "warning"}
-    with process([PY, "-m", "proxy", "run", "--config", str(path)], cpu=0, cwd=ROOT, env=env) as proc:
-        wait_http(f"http://127.0.0.1:{admin}/readyz")
-        url = f"http://127.0.0.1:{port}/cgi-bin/user/info?openid=o1"
-        wrk(url, 64, 2)                                   # warm-up
-        pid = proc.pid if not shutil.which("taskset") else proc.pid
-        cpu0 = cpu_seconds(pid)
-        result = wrk(url, 64, seconds)
-        result["cpu_us_per_call"] = (cpu_seconds(pid) - cpu0) / max(1, result["requests"]) * 1e6
-        result["peak_rss_mib"] = rss_mib(pid)
-    return result
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=10, help="wrk duration per scenario")
+    parser.add_argument("--seconds", type=int, default=6, help="wrk duration per measurement")
     args = parser.parse_args()
     ensure_tools()
-    results: dict[str, dict[str, float]] = {}
+    targets: list[Target] = []
+    startup_s: list[float] = []
     with tempfile.TemporaryDirectory(prefix="wts-bench-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
-        nginx_port, redis_port = free_port(), free_port()
+        tmp.chmod(0o755)                      # nginx's workers run as an unprivileged user
+        (tmp / "media.bin").write_bytes(os.urandom(MEDIA_BYTES))
+        (tmp / "media.bin").chmod(0o644)
+        post_script = tmp / "post.lua"
+        post_script.write_text(WRK_POST.format(body=json.dumps(POST_BODY)))
+        up, px, redis_port = free_port(), free_port(), free_port()
         conf = tmp / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(tmp=tmp, port=nginx_port))
-        stack.enter_context(process([which("nginx"), "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"], cpu=1))
-        upstream = f"http://127.0.0.1:{nginx_port}"
+        conf.write_text(NGINX_CONF.format(tmp=tmp, up=up, px=px))
+        nginx = stack.enter_context(process(pinned([which("nginx"), "-c", str(conf), "-p", str(tmp),
+                                                    "-g", "daemon off;"], 1)))
+        upstream = f"http://127.0.0.1:{up}"
         wait_http(upstream + "/cgi-bin/ping")
-        stack.enter_context(process([which("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1",
-                                     "--save", "", "--appendonly", "no", "--dir", str(tmp)], cpu=1))
-        time.sleep(0.3)
+        stack.enter_context(process(pinned([which("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1",
+                                            "--save", "", "--appendonly", "no", "--dir", str(tmp)], 1)))
+        env = {**os.environ}
+        targets.append(Target("upstream direct (nginx)", upstream, None))
+        # nginx's worker is the process doing the proxying; pin it with taskset -p
+        nginx_proxy = Target("nginx appending a static token", f"http://127.0.0.1:{px}", None)
+        targets.append(nginx_proxy)
 
-        results["upstream direct (nginx)"] = wrk(upstream + "/cgi-bin/user/info?openid=o1", 64, args.seconds)
-        results["sidecar, store: memory"] = measure_sidecar(tmp, "memory", upstream, "{kind: memory}", args.seconds)
-        results["sidecar, store: redis"] = measure_sidecar(
-            tmp, "redis", upstream, f'{{kind: redis, url: "redis://127.0.0.1:{redis_port}/0"}}', args.seconds)
+        min_port = free_port()
+        minimal = stack.enter_context(process(pinned([PY, str(ROOT / "bench" / "minimal_proxy.py"), upstream,
+                                                      str(min_port)], 0), env=env))
+        wait_http(f"http://127.0.0.1:{min_port}/cgi-bin/ping")
+        targets.append(Target("minimal aiohttp proxy", f"http://127.0.0.1:{min_port}", minimal.pid))
 
-    ratio = results["sidecar, store: redis"]["rps"] / results["sidecar, store: memory"]["rps"]
-    print("\n| target (64 connections) | req/s | p50 ms | p99 ms | CPU µs/call | peak RSS MiB | non-2xx |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, r in results.items():
-        print(f"| {name} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-              f"{r.get('cpu_us_per_call', float('nan')):.0f} | {r.get('peak_rss_mib', float('nan')):.1f} | {r['non_2xx']} |")
-    print(f"\nstore: redis / store: memory throughput: {ratio:.3f} (target >= 0.95)")
-    summary = {"results": results, "redis_over_memory": ratio,
-               "targets": {"redis_over_memory>=0.95": ratio >= 0.95}}
-    (ROOT / "bench" / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for name, store in (("memory", "{kind: memory}"),
+                            ("redis", f'{{kind: redis, url: "redis://127.0.0.1:{redis_port}/0"}}')):
+            path, port, admin = sidecar_config(tmp, name, upstream, store)
+            proc = stack.enter_context(process(pinned([PY, "-m", "proxy", "run", "--config", str(path)], 0),
+                                               cwd=ROOT, env=env))
+            startup_s.append(wait_http(f"http://127.0.0.1:{admin}/readyz"))
+            targets.append(Target(f"sidecar, store: {name}", f"http://127.0.0.1:{port}", proc.pid))
+
+        for target in targets:
+            print(f"measuring: {target.name}", flush=True)
+            target.run(args.seconds, post_script, binary=True)
+        del nginx
+
+    by = {t.name: t.r for t in targets}
+    side, mini, direct = by["sidecar, store: memory"], by["minimal aiohttp proxy"], by["upstream direct (nginx)"]
+    ngx = by["nginx appending a static token"]
+    figures = {
+        "throughput vs minimal aiohttp proxy (target >= 2.0)": side["get_rps"] / mini["get_rps"],
+        "CPU per call vs minimal aiohttp proxy (target <= 0.5)": side["cpu_us_per_call"] / mini["cpu_us_per_call"],
+        "throughput vs nginx static-token proxy (figure)": side["get_rps"] / ngx["get_rps"],
+        "added p50 latency at 4 connections, ms (target < 0.4)": side["p50_ms"] - direct["p50_ms"],
+        "added p99 latency at 4 connections, ms (target < 1.5)": side["p99_ms"] - direct["p99_ms"],
+        "peak RSS vs minimal aiohttp proxy (target <= 1.15)": side["peak_rss_mib"] / mini["peak_rss_mib"],
+        "RSS growth over 16 x 20 MiB downloads, MiB (target < 16)": side["binary_rss_growth_mib"],
+        "binary throughput vs nginx proxy (target >= 0.5)": side["binary_mib_s"] / ngx["binary_mib_s"],
+        "start-up to ready, s (target < 1)": max(startup_s),
+        "store: redis / store: memory throughput (target >= 0.95)":
+            by["sidecar, store: redis"]["get_rps"] / side["get_rps"],
+    }
+    targets_met = {
+        "throughput_2x": figures["throughput vs minimal aiohttp proxy (target >= 2.0)"] >= 2.0,
+        "cpu_half": figures["CPU per call vs minimal aiohttp proxy (target <= 0.5)"] <= 0.5,
+        "p50_added_under_0.4ms": figures["added p50 latency at 4 connections, ms (target < 0.4)"] < 0.4,
+        "p99_added_under_1.5ms": figures["added p99 latency at 4 connections, ms (target < 1.5)"] < 1.5,
+        "rss_1.15x": figures["peak RSS vs minimal aiohttp proxy (target <= 1.15)"] <= 1.15,
+        "binary_rss_under_16mib": figures["RSS growth over 16 x 20 MiB downloads, MiB (target < 16)"] < 16,
+        "binary_half_nginx": figures["binary throughput vs nginx proxy (target >= 0.5)"] >= 0.5,
+        "startup_under_1s": figures["start-up to ready, s (target < 1)"] < 1,
+        "redis_0.95": figures["store: redis / store: memory throughput (target >= 0.95)"] >= 0.95,
+    }
+
+    def f(value: float | None, spec: str) -> str:
+        return "" if value is None else format(value, spec)
+
+    print("\n| target | JSON GET req/s (64 conn) | JSON POST 2 KiB req/s | p50 / p99 ms (4 conn) "
+          "| CPU µs/call | peak RSS MiB | 16 × 20 MiB downloads MiB/s | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for t in targets:
+        r = t.r
+        print(f"| {t.name} | {r['get_rps']:,.0f} | {r['post_rps']:,.0f} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} "
+              f"| {f(r.get('cpu_us_per_call'), '.0f')} | {f(r.get('peak_rss_mib'), '.1f')} "
+              f"| {f(r.get('binary_mib_s'), ',.0f')} | {int(r['get_errors'] + r.get('binary_errors', 0))} |")
+    print()
+    for name, value in figures.items():
+        print(f"- {name}: {value:.3f}")
+    print(f"\ntargets met: {sum(targets_met.values())}/{len(targets_met)} "
+          f"({', '.join(k for k, v in targets_met.items() if not v) or 'all'} missed)"
+          if not all(targets_met.values()) else f"\ntargets met: all {len(targets_met)}")
+    (ROOT / "bench" / "results.json").write_text(json.dumps(
+        {"results": by, "figures": figures, "targets_met": targets_met, "seconds": args.seconds}, indent=2) + "\n")
     print("written: bench/results.json")
     return 0
 
