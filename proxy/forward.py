@@ -33,9 +33,6 @@ log = logging.getLogger("proxy.forward")
 # stream through untouched. WxJava sniffs at 215 bytes; we keep a wide margin.
 SNIFF_LIMIT = 64 * 1024
 
-# Streaming chunk size for binary answers (media up to 20 MB, §6/§7).
-STREAM_CHUNK = 64 * 1024
-
 # Hop-by-hop headers (RFC 9110 §7.6.1) and ours: never forwarded either way.
 # Content-Length is recomputed for the bytes actually sent.
 HOP_BY_HOP = frozenset(istr(h) for h in (

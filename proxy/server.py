@@ -152,8 +152,7 @@ class Sidecar:
         return False
 
 
-@web.middleware
-async def _json_errors(request: web.Request, handler: Callable) -> web.StreamResponse:
+async def _answer_errors(request: web.BaseRequest, handler: Callable) -> web.StreamResponse:
     """Errors made by the sidecar are JSON, never an HTML page or a stack trace."""
     try:
         return await handler(request)
@@ -166,6 +165,11 @@ async def _json_errors(request: web.Request, handler: Callable) -> web.StreamRes
     except Exception:
         log.exception("unexpected error handling %s %s", request.method, request.path)
         return sidecar_error(500, "internal error")
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Callable) -> web.StreamResponse:
+    return await _answer_errors(request, handler)
 
 
 def build_proxy_server(sidecar: Sidecar, **handler_args: Any) -> web.Server:
@@ -181,17 +185,7 @@ def build_proxy_server(sidecar: Sidecar, **handler_args: Any) -> web.Server:
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         assert sidecar.forwarder is not None
-        try:
-            return await sidecar.forwarder.handle(request)  # type: ignore[arg-type]
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return sidecar_error(exc.status, exc.reason.lower())
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("unexpected error handling %s %s", request.method, request.path)
-            return sidecar_error(500, "internal error")
+        return await _answer_errors(request, sidecar.forwarder.handle)
 
     return web.Server(handle, request_factory=make_request, **handler_args)
 
@@ -268,7 +262,7 @@ async def start_sidecar(config: Config) -> Running:
                          handle_signals=False, shutdown_timeout=grace),
         web.AppRunner(build_admin_app(sidecar), access_log=None, handle_signals=False,
                       shutdown_timeout=min(grace, 1.0), **limits)]
-    for runner, sock in zip(runners, sockets):
+    for runner, sock in zip(runners, sockets, strict=True):
         await runner.setup()
         await web.SockSite(runner, sock).start()
     return Running(sidecar, runners)

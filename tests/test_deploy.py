@@ -134,7 +134,7 @@ async def test_the_image_healthcheck_command_passes_against_a_live_sidecar(sim, 
 def test_every_manifest_validates_against_the_kubernetes_schemas():
     found = docs()
     assert len(found) >= 7
-    for path, doc in found:
+    for _path, doc in found:
         kubernetes_validate.validate(doc, "1.33", strict=True)
 
 

@@ -11,7 +11,7 @@ from aiohttp import web
 from proxy import config as config_mod
 from proxy.forward import normalize_path
 
-from .conftest import APPID, SECRET, sidecar_yaml
+from .conftest import SECRET
 
 
 async def raw(port: int, data: bytes, *, read_timeout: float = 5.0) -> bytes:
