@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import logging
 import time
 import uuid
@@ -69,6 +70,7 @@ SECRET_PARAMS: dict[str, tuple[str, ...]] = {
     "/cgi-bin/clear_quota/v2": ("appid", "appsecret"),
 }
 
+_ERRCODE_RE = re.compile(rb'"errcode"\s*:\s*(-?\d{1,10})')
 JSON_TYPES_BYTES = (b"application/json", b"text/plain", b"text/json")
 HOP_BY_HOP_BYTES = frozenset(h.lower().encode() for h in HOP_BY_HOP)
 
@@ -198,20 +200,6 @@ class Forwarder:
         # call cost 4 % of the proxy's CPU).
         self._id_prefix = uuid.uuid4().hex[:8]
         self._ids = itertools.count(1)
-        self._children: dict[object, Any] = {}
-
-    def _counter(self, app: str, outcome: str):  # type: ignore[no-untyped-def]
-        """Metric children bound once per label set (labels() costs a lock and a lookup)."""
-        child = self._children.get((app, outcome))
-        if child is None:
-            child = self._children[(app, outcome)] = self.metrics.calls.labels(app, outcome)
-        return child
-
-    def _histogram(self, app: str):  # type: ignore[no-untyped-def]
-        child = self._children.get(app)
-        if child is None:
-            child = self._children[app] = self.metrics.call_seconds.labels(app)
-        return child
 
     def _next_request_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids):x}"
@@ -257,15 +245,12 @@ class Forwarder:
         label = response.get(OUTCOME) or outcome.get("kind") or (
             "wechat_error" if outcome["errcode"] not in (None, 0) else "ok")
         if app_name is not None:
-            self._counter(app_name, label).inc()
-            self._histogram(app_name).observe(duration)
+            self.metrics.observe_call(app_name, label, duration)
             if outcome["replayed"]:
                 self.metrics.replays.labels(app_name, str(outcome["first_errcode"])).inc()
         if self.access.enabled:
-            self.access.call({
-                "event": "call", "app": app_name, "request_id": request_id, "method": request.method,
-                "path": request.path, "status": response.status, "errcode": outcome["errcode"],
-                "replayed": outcome["replayed"], "duration_s": round(duration, 4)})
+            self.access.call(app_name, request_id, request.method, request.path, response.status,
+                             outcome["errcode"], outcome["replayed"], round(duration, 4))
         return response
 
     async def _handle(self, request: web.Request, app: App, path: str,
@@ -310,12 +295,12 @@ class Forwarder:
                         manager: TokenManager | None, app: App, path: str,
                         raw_query: str = "") -> web.StreamResponse:
         pool = self._pool(app)
+        refresh_codes = self.refresh_codes[app.name]
         try:
-            answer = await self._send(pool, request.method, target, headers, body)
+            answer = await self._send(pool, request.method, target, headers, body, refresh_codes)
         except _UpstreamFailed as exc:
             return exc.response
 
-        refresh_codes = self.refresh_codes[app.name]
         if token is None or manager is None or answer.errcode not in refresh_codes:
             outcome["errcode"] = answer.errcode
             return await self._relay(request, answer)
@@ -333,7 +318,7 @@ class Forwarder:
         outcome["replayed"] = True
         target = f"{path}?{with_token(raw_query, fresh.value)}"
         try:
-            answer = await self._send(pool, request.method, target, headers, body)
+            answer = await self._send(pool, request.method, target, headers, body, refresh_codes)
         except _UpstreamFailed as exc:
             return exc.response
         outcome["errcode"] = answer.errcode
@@ -402,7 +387,8 @@ class Forwarder:
         return [(k, v) for k, v in raw if k.lower() not in skip]
 
     async def _send(self, pool: UpstreamPool, method: str, target: str,
-                    headers: list[tuple[bytes, bytes]], body: bytes) -> _Answer:
+                    headers: list[tuple[bytes, bytes]], body: bytes,
+                    refresh_codes: frozenset[int]) -> _Answer:
         timeout = self.config.upstream.timeout_s
         try:
             resp = await pool.request(method, target, headers, body)
@@ -411,7 +397,7 @@ class Forwarder:
         except UpstreamError as exc:
             raise _UpstreamFailed(sidecar_error(502, str(exc))) from None
         try:
-            return await self._inspect(resp, timeout)
+            return await self._inspect(resp, timeout, refresh_codes)
         except UpstreamTimeout:
             resp.release()
             raise _UpstreamFailed(sidecar_error(504, f"upstream timed out after {timeout:g} s")) from None
@@ -419,7 +405,7 @@ class Forwarder:
             resp.release()
             raise _UpstreamFailed(sidecar_error(502, str(exc))) from None
 
-    async def _inspect(self, resp: Response, timeout: float) -> _Answer:
+    async def _inspect(self, resp: Response, timeout: float, refresh_codes: frozenset[int]) -> _Answer:
         length = resp.content_length
         if length is not None and length > SNIFF_LIMIT:
             # Large answer: cannot be a token error; stream it untouched.
@@ -429,11 +415,11 @@ class Forwarder:
         complete = len(data) < SNIFF_LIMIT or resp.at_eof()
         errcode, errmsg = None, ""
         if complete and data:
-            errcode, errmsg = self._errcode(resp, data)
+            errcode, errmsg = self._errcode(resp, data, refresh_codes)
         return _Answer(resp, data, complete, errcode, errmsg)
 
     @staticmethod
-    def _errcode(resp: Response, data: bytes) -> tuple[int | None, str]:
+    def _errcode(resp: Response, data: bytes, refresh_codes: frozenset[int]) -> tuple[int | None, str]:
         """The errcode of a JSON answer: by Content-Type, or by a body that starts
         with `{` whatever the type says (binary endpoints, §6)."""
         if b"errcode" not in data and not _has_encoding(resp):
@@ -457,6 +443,11 @@ class Forwarder:
             return None, ""
         if not (ctype.startswith(JSON_TYPES_BYTES) or data.lstrip()[:1] == b"{"):
             return None, ""
+        codes = _ERRCODE_RE.findall(data)
+        if codes and not any(int(c) in refresh_codes for c in codes):
+            # No token errcode anywhere: the first errcode is the answer's
+            # (WeChat writes it first); no need to parse the whole body.
+            return int(codes[0]), ""
         try:
             parsed = json.loads(data)
         except ValueError:

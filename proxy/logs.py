@@ -90,18 +90,26 @@ class AccessLog:
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
 
-    def call(self, fields: dict) -> None:  # type: ignore[type-arg]
+    def call(self, app: str | None, request_id: str, method: str, path: str, status: int,
+             errcode: int | None, replayed: bool, duration_s: float) -> None:
         now = time.time()
-        path = fields.get("path", "")
         if "=" in path:
-            fields["path"] = redact(path)
-        msg = f"{fields.get('method')} {fields['path']} -> {fields.get('status')}"
+            path = redact(path)
         if self.fmt == "json":
-            line = json.dumps({"ts": self._ts(now), "level": "info", "logger": "proxy.access", "msg": msg,
-                               **{k: v for k, v in fields.items() if v is not None}}, ensure_ascii=False)
+            # A fixed template: only the free-text fields go through the
+            # (C) JSON string escaper; app names and methods are validated.
+            line = (f'{{"ts": "{self._ts(now)}", "level": "info", "logger": "proxy.access", '
+                    f'"msg": {_json_str(f"{method} {path} -> {status}")}, "event": "call", '
+                    f'{f_app(app)}"request_id": {_json_str(request_id)}, "method": "{method}", '
+                    f'"path": {_json_str(path)}, "status": {status}, '
+                    f'{"" if errcode is None else f"{_errcode_field(errcode)}"}'
+                    f'"replayed": {"true" if replayed else "false"}, "duration_s": {duration_s}}}')
         else:
-            extras = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-            line = f"{time.strftime('%H:%M:%S', time.localtime(now))} INFO    {msg} {extras}"
+            extras = f"app={app} request_id={request_id} method={method} path={path} status={status}"
+            if errcode is not None:
+                extras += f" errcode={errcode}"
+            line = (f"{time.strftime('%H:%M:%S', time.localtime(now))} INFO    {method} {path} -> {status} "
+                    f"event=call {extras} replayed={replayed} duration_s={duration_s}")
         self._lines.append(line + "\n")
         self._size += len(line) + 1
         if self._size >= self.BATCH_BYTES:
@@ -124,3 +132,14 @@ class AccessLog:
             stream.flush()
         except (OSError, ValueError):
             pass  # stdout gone (shutting down): nothing better to do
+
+
+_json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+def f_app(app: str | None) -> str:
+    return "" if app is None else f'"app": "{app}", '
+
+
+def _errcode_field(errcode: int) -> str:
+    return f'"errcode": {int(errcode)}, '

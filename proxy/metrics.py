@@ -10,11 +10,12 @@ base units). What a user alerts on:
 """
 from __future__ import annotations
 
+import bisect
 import time
 from typing import TYPE_CHECKING, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 if TYPE_CHECKING:
     from .tokens import TokenManager, TokenStore
@@ -31,9 +32,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.calls = Counter("wts_calls", "Calls forwarded, by app and outcome", ["app", "outcome"], registry=r)
-        self.call_seconds = Histogram("wts_call_duration_seconds", "Time to answer a proxied call, replay included",
-                                      ["app"], buckets=CALL_BUCKETS, registry=r)
+        # Per-call figures are kept in plain dicts (a dict increment per call,
+        # no lock) and turned into wts_calls_total and wts_call_duration_seconds
+        # at scrape time by _LiveCollector.
+        self.call_counts: dict[tuple[str, str], int] = {}
+        self.call_buckets: dict[str, list[int]] = {}   # per app: counts per bucket, then +Inf
+        self.call_sums: dict[str, float] = {}
         self.fetches = Counter("wts_token_fetches", "Token fetches from WeChat, by app, api and result "
                                "(ok, credential, transient, quota, rate_limit)", ["app", "api", "result"], registry=r)
         self.refreshes = Counter("wts_token_refreshes", "Token refreshes started, by reason "
@@ -47,6 +51,16 @@ class Metrics:
         self._managers: dict[str, "TokenManager"] = {}
         self._store: "TokenStore | None" = None
         r.register(_LiveCollector(self))
+
+    def observe_call(self, app: str, outcome: str, seconds: float) -> None:
+        key = (app, outcome)
+        self.call_counts[key] = self.call_counts.get(key, 0) + 1
+        buckets = self.call_buckets.get(app)
+        if buckets is None:
+            buckets = self.call_buckets[app] = [0] * (len(CALL_BUCKETS) + 1)
+            self.call_sums[app] = 0.0
+        buckets[bisect.bisect_left(CALL_BUCKETS, seconds)] += 1
+        self.call_sums[app] += seconds
 
     def watch(self, managers: dict[str, "TokenManager"], store: "TokenStore") -> None:
         self._managers, self._store = managers, store
@@ -84,6 +98,20 @@ class _LiveCollector:
             usable.add_metric([name], 1.0 if manager.state.usable(now) else 0.0)
         yield expires
         yield usable
+        m = self.metrics
+        calls = CounterMetricFamily("wts_calls", "Calls forwarded, by app and outcome", labels=["app", "outcome"])
+        for (app, outcome), count in sorted(m.call_counts.items()):
+            calls.add_metric([app, outcome], float(count))
+        yield calls
+        seconds = HistogramMetricFamily("wts_call_duration_seconds",
+                                        "Time to answer a proxied call, replay included", labels=["app"])
+        for app, counts in sorted(m.call_buckets.items()):
+            cumulative, running = [], 0
+            for bound, count in zip((*map(str, CALL_BUCKETS), "+Inf"), counts, strict=True):
+                running += count
+                cumulative.append((bound, float(running)))
+            seconds.add_metric([app], cumulative, m.call_sums[app])
+        yield seconds
         store = self.metrics._store
         errors = CounterMetricFamily("wts_store_errors", "Errors talking to the shared token store")
         errors.add_metric([], float(getattr(store, "errors", 0)))
