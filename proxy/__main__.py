@@ -39,8 +39,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     # The environment overrides the config's log settings (handy for one debug run).
-    cfg = replace(cfg, log=config_mod.Log(level=os.environ.get("SIDECAR_LOG_LEVEL", cfg.log.level),
-                                          format=os.environ.get("SIDECAR_LOG_FORMAT", cfg.log.format)))
+    cfg = replace(cfg, log=replace(cfg.log, level=os.environ.get("SIDECAR_LOG_LEVEL", cfg.log.level),
+                                   format=os.environ.get("SIDECAR_LOG_FORMAT", cfg.log.format)))
     logs.setup(cfg.log.level, cfg.log.format)
     from .server import serve
     path = config_mod.resolve_path(args.config)

@@ -120,6 +120,7 @@ class Store:
 class Log:
     level: str = "info"
     format: str = "json"
+    access: bool = True      # one line per proxied call, at info
 
 
 @dataclass(frozen=True)
@@ -411,7 +412,8 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
     shutdown_grace_s = top.get("shutdown_grace_s", _number(file, float, 0, 300), DEFAULT_SHUTDOWN_GRACE_S)
     log_s = top.section("log")
     log = Log(level=log_s.get("level", _choice(file, ("debug", "info", "warning", "error")), "info"),
-              format=log_s.get("format", _choice(file, ("json", "text")), "json"))
+              format=log_s.get("format", _choice(file, ("json", "text")), "json"),
+              access=log_s.get("access", _bool(file), True))
     log_s.done()
 
     def paths(value: Any, key: str) -> tuple[str, ...]:

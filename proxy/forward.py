@@ -6,6 +6,7 @@ request -> route -> token -> upstream -> answer
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import re
@@ -71,6 +72,9 @@ SECRET_PARAMS: dict[str, tuple[str, ...]] = {
 }
 
 _ERRCODE_RE = re.compile(rb'"errcode"\s*:\s*(-?\d{1,10})')
+# Answered by the sidecar itself with the managed token (DESIGN.md).
+LOCAL_TOKEN_PATHS = frozenset({"/cgi-bin/token", "/cgi-bin/stable_token", "/cgi-bin/gettoken"})
+
 JSON_TYPES_BYTES = (b"application/json", b"text/plain", b"text/json")
 HOP_BY_HOP_BYTES = frozenset(h.lower().encode() for h in HOP_BY_HOP)
 
@@ -167,9 +171,15 @@ def strip_access_token(raw_query: str) -> str:
     return "&".join(kept)
 
 
+@functools.lru_cache(maxsize=8)
+def _token_param(token: str) -> str:
+    """The query parameter for a token, built once per token, not per call."""
+    return "access_token=" + quote(token, safe="")
+
+
 def with_token(raw_query: str, token: str) -> str:
     rest = strip_access_token(raw_query)
-    param = "access_token=" + quote(token, safe="")
+    param = _token_param(token)
     return f"{rest}&{param}" if rest else param
 
 
@@ -256,9 +266,10 @@ class Forwarder:
     async def _handle(self, request: web.Request, app: App, path: str,
                       outcome: dict[str, Any]) -> web.StreamResponse:
         manager = self.managers[app.name]
-        local = await self._answer_locally(request, app, manager, path)
-        if local is not None:
-            return local
+        if path in LOCAL_TOKEN_PATHS:
+            local = await self._answer_locally(request, app, manager, path)
+            if local is not None:
+                return local
 
         try:
             body = await asyncio.wait_for(request.read(), self.config.client_timeout_s) \

@@ -70,8 +70,9 @@ class AccessLog:
     FLUSH_S = 0.1
     BATCH_BYTES = 64 * 1024
 
-    def __init__(self, fmt: str = "json", stream=None):  # type: ignore[no-untyped-def]
+    def __init__(self, fmt: str = "json", stream=None, on: bool = True):  # type: ignore[no-untyped-def]
         self.fmt = fmt
+        self.on = on
         self.stream = stream
         self.logger = logging.getLogger("proxy.access")
         self._lines: list[str] = []
@@ -82,7 +83,7 @@ class AccessLog:
 
     @property
     def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO) and not self.logger.disabled
+        return self.on and self.logger.isEnabledFor(logging.INFO) and not self.logger.disabled
 
     def _ts(self, now: float) -> str:
         second = int(now)

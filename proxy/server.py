@@ -48,7 +48,7 @@ class Sidecar:
         self.forwarder: Forwarder | None = None
         self.metrics = Metrics()
         self.pools: dict[str, UpstreamPool] = {}   # business calls, by upstream base URL
-        self.access = AccessLog(config.log.format)
+        self.access = AccessLog(config.log.format, on=config.log.access)
         self._retired: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:

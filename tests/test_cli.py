@@ -231,3 +231,15 @@ async def test_sighup_applies_a_new_secret_and_refuses_a_broken_config(sim, spaw
     out = proc.output()
     assert "config reload refused" in out and "apps[0].secret" in out
     assert "not-the-secret" not in out and SECRET not in out
+
+
+async def test_log_access_false_drops_call_lines_but_keeps_token_events(sim, spawn, http):
+    port, admin = free_port(), free_port()
+    proc = spawn(sidecar_yaml(sim.url, listen_port=port, admin_port=admin, top="log: {access: false}"))
+    await proc.wait_ready(f"http://127.0.0.1:{admin}")
+    for _ in range(3):
+        async with http.get(f"http://127.0.0.1:{port}/cgi-bin/user/info") as resp:
+            assert resp.status == 200
+    assert proc.stop() == 0
+    events = [json.loads(line).get("event") for line in proc.output().splitlines()]
+    assert "token_fetched" in events and "call" not in events
