@@ -86,6 +86,7 @@ async def _demo(port: int, admin_port: int, sim_port: int) -> int:
 listen: {{host: 127.0.0.1, port: {port}}}
 admin:  {{host: 127.0.0.1, port: {admin_port}}}
 upstream: {{base_url: "http://127.0.0.1:{sim_port}", timeout_s: 5}}
+log: {{level: info, format: text}}
 apps:
   - {{name: mp, appid: {DEMO_APPID}, secret: {DEMO_SECRET}, token_api: stable, refresh_before_s: 240}}
 """, "<demo>", env={})
