@@ -41,6 +41,9 @@ HOP_BY_HOP = frozenset(istr(h) for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
     "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
     "Host", "Content-Length", "X-WeChat-App",
+    # The sidecar answers the app's 100-continue itself and holds the whole
+    # body; forwarded, it would only make the upstream send an interim 100.
+    "Expect",
 ))
 
 # aiohttp's client would add these when absent; the upstream must see only

@@ -173,6 +173,7 @@ class _Connection(asyncio.Protocol):
         self.response: Response | None = None
         self.closed = False
         self.received_any = False
+        self.interim = False
         self._paused = False
 
     # -- asyncio.Protocol
@@ -214,7 +215,14 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
-        response.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows.
+            self.interim = True
+            response.raw_headers.clear()
+            response.content_length = None
+            return
+        response.status = status
         response.keep_alive = self.parser.should_keep_alive()
         if not response.headers_done.done():
             response.headers_done.set_result(None)
@@ -229,6 +237,9 @@ class _Connection(asyncio.Protocol):
         self.response._feed(body)
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         if self.response is not None:
             self.response._finish()
 

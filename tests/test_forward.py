@@ -330,3 +330,22 @@ async def test_chunked_binary_answers_pass_through_whole(sim, make_sidecar, http
         assert resp.status == 200 and resp.headers["Content-Type"] == "image/jpeg"
         data = await resp.read()
     assert hashlib.sha256(data).hexdigest() == hashlib.sha256(b"".join(media_bytes("CH", size))).hexdigest()
+
+
+async def test_expect_100_continue_is_answered_and_not_forwarded(sim, make_sidecar):
+    sc = await make_sidecar()
+    body = b"a" * 2048
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
+    writer.write(b"POST /cgi-bin/message/custom/send HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)   # no 1 s client stall
+    assert interim.startswith(b"HTTP/1.1 100")
+    writer.write(body)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    echo = json.loads(payload)
+    assert echo["body_len"] == 2048 and "Expect" not in echo["headers"]

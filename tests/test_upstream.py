@@ -221,3 +221,25 @@ async def test_tls_upstreams_are_verified_with_sni(certificate):
         pool.close()
     finally:
         await runner.cleanup()
+
+
+async def test_an_interim_100_continue_is_skipped():
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")   # in a packet of its own
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = UpstreamPool(f"http://127.0.0.1:{port}", 5)
+    try:
+        resp = await pool.request("POST", "/x", [(b"Expect", b"100-continue")], b"body")
+        assert resp.status == 200 and await body_of(resp) == b"ok"
+    finally:
+        pool.close()
+        server.close()
