@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict, istr
 
 from .config import App, Config
@@ -274,6 +274,10 @@ class Forwarder:
             if local is not None:
                 return local
 
+        if request.body_exists and "Expect" in request.headers:
+            refused = await self._continue(request)
+            if refused is not None:
+                return refused
         try:
             body = await asyncio.wait_for(request.read(), self.config.client_timeout_s) \
                 if request.body_exists else b""
@@ -347,6 +351,20 @@ class Forwarder:
         answer.resp.release()
         return sidecar_error(503, f"token rejected after refresh ({answer.errcode}: {answer.errmsg})",
                              {SIDECAR_ERRCODE_HEADER: str(answer.errcode)}, outcome="token_rejected")
+
+    @staticmethod
+    async def _continue(request: web.BaseRequest) -> web.Response | None:
+        """Answer `Expect: 100-continue` before reading the body (clients such
+        as libcurl otherwise wait a second per upload). The proxy port runs
+        on aiohttp's low-level server, which leaves this to the handler."""
+        if request.version != HttpVersion11:
+            return None
+        expect = request.headers.get("Expect", "")
+        if expect.lower() != "100-continue":
+            return sidecar_error(417, f"unsupported Expect: {expect[:64]}", outcome="bad_request")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0   # the answer itself has not started
+        return None
 
     # ------------------------------------------------------------ local answers
 

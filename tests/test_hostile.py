@@ -246,3 +246,12 @@ async def test_no_token_or_secret_in_error_bodies_metrics_or_admin_answers(sc, s
     assert "token rejected after refresh" in everything
     for secret in (SECRET, *sim.issued_tokens()):
         assert secret not in everything
+
+
+async def test_an_unknown_expectation_is_417(sc, sim):
+    calls = sim.business_calls
+    answer = await raw(sc.proxy_port, b"POST /cgi-bin/message/custom/send HTTP/1.1\r\nHost: x\r\n"
+                                      b"Expect: teapot\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    status, body = status_and_json(answer)
+    assert status == 417 and body["errcode"] == -1
+    assert sim.business_calls == calls
