@@ -501,6 +501,15 @@ class Forwarder:
     async def _relay(self, request: web.Request, answer: _Answer) -> web.StreamResponse:
         resp = answer.resp
         headers = self._downstream_headers(resp)
+        if request.method == "HEAD":
+            # No body, but the upstream's Content-Length describes the GET answer.
+            resp.release()
+            out = web.StreamResponse(status=resp.status, headers=headers)
+            if resp.content_length is not None:
+                out.content_length = resp.content_length
+            await out.prepare(request)
+            await out.write_eof()
+            return out
         if answer.complete:
             # Small answer: already in hand; send it whole.
             resp.release()

@@ -349,3 +349,20 @@ async def test_expect_100_continue_is_answered_and_not_forwarded(sim, make_sidec
     assert head.startswith(b"HTTP/1.1 200")
     echo = json.loads(payload)
     assert echo["body_len"] == 2048 and "Expect" not in echo["headers"]
+
+
+async def test_head_keeps_the_upstream_content_length_and_sends_no_body(sim, make_sidecar):
+    sc = await make_sidecar()
+    answer = await asyncio.wait_for(_raw_exchange(sc.proxy_port, b"HEAD /cgi-bin/media/get?media_id=H&size=12345 "
+                                                  b"HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"), 5)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 12345" in head and rest == b""
+
+
+async def _raw_exchange(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return answer
