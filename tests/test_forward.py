@@ -366,3 +366,13 @@ async def _raw_exchange(port: int, data: bytes) -> bytes:
     answer = await reader.read()
     writer.close()
     return answer
+
+
+async def test_several_rotations_in_a_row_all_recover_with_the_default_budget(sim, make_sidecar, http):
+    from proxy.config import DEFAULT_MIN_REFRESH_INTERVAL_S
+    sc = await make_sidecar(min_refresh_interval_s=DEFAULT_MIN_REFRESH_INTERVAL_S)
+    for n in range(5):
+        sim.rotate(APPID, "stable", grace_s=0)
+        async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
+            assert resp.status == 200, n
+    assert sim.fetch_count() == 1 + 5
