@@ -6,7 +6,7 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[fast]"
 
 # ---- run
 FROM python:3.11-slim
@@ -15,7 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SIDECAR_CONFIG=/etc/wechat-token-sidecar/config.yaml
 COPY --from=build /wheels /wheels
 # --no-index: only the wheels built above, so the version is the one just built.
-RUN pip install --no-cache-dir --no-index --find-links=/wheels wechat-token-sidecar==0.1.0 \
+RUN pip install --no-cache-dir --no-index --find-links=/wheels "wechat-token-sidecar[fast]==0.1.0" \
     && rm -rf /wheels
 COPY config.yaml /etc/wechat-token-sidecar/config.yaml
 # A numeric user so Kubernetes can verify runAsNonRoot.

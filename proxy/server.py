@@ -275,8 +275,10 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     except OSError as exc:
         log.error("%s", exc.strerror or exc, extra={"event": "listen_failed"})
         return 1
-    log.info("listening: proxy on %s:%d, admin on %s:%d", config.listen.host, running.proxy_port,
-             config.admin.host, running.admin_port, extra={"event": "listening"})
+    loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    log.info("listening: proxy on %s:%d, admin on %s:%d (event loop: %s)", config.listen.host,
+             running.proxy_port, config.admin.host, running.admin_port, loop_name,
+             extra={"event": "listening"})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -106,13 +106,23 @@ async def test_20_mib_download_streams_with_identical_bytes_and_bounded_memory(s
     assert growth_mib < 8, f"RSS grew {growth_mib:.1f} MiB for a 20 MiB download"
 
 
-async def test_sigterm_stops_the_sidecar_with_exit_0(sim, spawn):
+@pytest.mark.parametrize("loop", ["default", "asyncio"])
+async def test_sigterm_stops_the_sidecar_with_exit_0(sim, spawn, http, loop):
     port, admin = free_port(), free_port()
-    proc = spawn(sidecar_yaml(sim.url, listen_port=port, admin_port=admin))
+    env = {"SIDECAR_LOOP": "asyncio"} if loop == "asyncio" else {}
+    proc = spawn(sidecar_yaml(sim.url, listen_port=port, admin_port=admin), env=env)
     await proc.wait_ready(f"http://127.0.0.1:{admin}")
+    async with http.get(f"http://127.0.0.1:{port}/cgi-bin/user/info") as resp:
+        assert resp.status == 200
     started = time.monotonic()
     assert proc.stop(signal.SIGTERM) == 0
     assert time.monotonic() - started < 5
+    try:
+        import uvloop  # noqa: F401
+        expected = "asyncio" if loop == "asyncio" else "uvloop"
+    except ImportError:
+        expected = "asyncio"
+    assert f"(event loop: {expected})" in proc.output()
 
 
 def test_console_script_is_installed():

@@ -80,7 +80,7 @@ def test_dockerfile_ports_healthcheck_config_and_entrypoint(dockerfile):
 
 def test_dockerfile_pins_the_version_it_builds(dockerfile):
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    assert f"wechat-token-sidecar=={version}" in dockerfile.content
+    assert f"wechat-token-sidecar[fast]=={version}" in dockerfile.content
 
 
 def test_hadolint_finds_nothing():
