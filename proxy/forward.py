@@ -9,8 +9,8 @@ import asyncio
 import functools
 import itertools
 import json
-import re
 import logging
+import re
 import time
 import uuid
 import zlib
@@ -25,7 +25,7 @@ from .config import App, Config
 from .logs import AccessLog
 from .metrics import Metrics
 from .tokens import Token, TokenManager, TokenUnavailable
-from .upstream import Response, UpstreamError, UpstreamPool, UpstreamTimeout, _decode
+from .upstream import Response, UpstreamError, UpstreamPool, UpstreamTimeout, decode_header
 
 log = logging.getLogger("proxy.forward")
 
@@ -45,10 +45,6 @@ HOP_BY_HOP = frozenset(istr(h) for h in (
     # body; forwarded, it would only make the upstream send an interim 100.
     "Expect",
 ))
-
-# aiohttp's client would add these when absent; the upstream must see only
-# what the app sent.
-SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 # Paths that carry other credentials and must never get the app token
 # (wechat-api-notes.md §5). One row a path prefix, with what the call carries
@@ -495,7 +491,7 @@ class Forwarder:
 
     @staticmethod
     def _downstream_headers(resp: Response) -> CIMultiDict[str]:
-        return CIMultiDict((_decode(k), _decode(v)) for k, v in resp.raw_headers
+        return CIMultiDict((decode_header(k), decode_header(v)) for k, v in resp.raw_headers
                            if k.lower() not in HOP_BY_HOP_BYTES)
 
     async def _relay(self, request: web.Request, answer: _Answer) -> web.StreamResponse:

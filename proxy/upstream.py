@@ -38,7 +38,8 @@ class UpstreamTimeout(UpstreamError):
     pass
 
 
-def _decode(value: bytes) -> str:
+def decode_header(value: bytes) -> str:
+    """Header bytes as text: UTF-8 (which aiohttp writes back unchanged), else Latin-1."""
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
@@ -67,7 +68,7 @@ class Response:
     @property
     def headers(self) -> CIMultiDict[str]:
         if self._headers is None:
-            self._headers = CIMultiDict((_decode(k), _decode(v)) for k, v in self.raw_headers)
+            self._headers = CIMultiDict((decode_header(k), decode_header(v)) for k, v in self.raw_headers)
         return self._headers
 
     # -- fed by the connection
