@@ -227,9 +227,9 @@ class TokenManager:
 
         def accept(token: Token) -> bool:
             """Is a token someone else put in the store good enough to skip a fetch?"""
-            if token.value == rejected or token == self.state.token and reason == "admin":
+            if token.value == rejected:
                 return False
-            if not use_store:                       # admin: only a token fetched since the ask
+            if not use_store:       # admin / caller refresh: only a token fetched since the ask
                 return token.fetched_at >= asked_at
             return self.clock() < refresh_due_at(token, self.app.refresh_before_s) \
                 or (rejected is not None and self.clock() < token.usable_until)
