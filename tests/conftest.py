@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,10 +33,36 @@ CORPID = "ww00000000000000c3"
 CORPSECRET = "test-corpsecret-ccccccccccccccccccc3"
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a server a test starts later (often in a subprocess).
+
+    Taken from below the kernel's ephemeral range, so no outgoing connection
+    or port-0 bind can take it between now and the bind, and never the same
+    one twice in a run."""
+    high = min(_ephemeral_low(), 65536) - 1
+    low = max(10000, high - 15000)
+    for _ in range(1000):
+        port = random.randint(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @pytest.fixture

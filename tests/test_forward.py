@@ -11,7 +11,7 @@ from yarl import URL
 
 from proxy.tokens import TokenUnavailable
 
-from .conftest import APPID, APPID2, SECRET2, sidecar_yaml
+from .conftest import APPID, APPID2, SECRET2, free_port, sidecar_yaml
 
 
 def last_call(sim):
@@ -266,13 +266,14 @@ async def test_bad_secret_gives_a_clear_error_bounded_fetches_and_a_live_process
 
 # ---------------------------------------------------------------- upstream failures, limits
 
-async def test_upstream_unreachable_is_a_json_502(sim, make_sidecar, http, unused_tcp_port):
+async def test_upstream_unreachable_is_a_json_502(sim, make_sidecar, http):
+    dead_port = free_port()
     sc = await make_sidecar(sidecar_yaml(sim.url, app=f"""
         - name: gone
           appid: {APPID2}
           secret: "{SECRET2}"
           token_api: stable
-          upstream: http://127.0.0.1:{unused_tcp_port}
+          upstream: http://127.0.0.1:{dead_port}
         """), wait_ready=False)
     # `gone` has no token (its upstream is down): a 503 naming why, not a trace
     async with http.get(f"{sc.base}/gone/cgi-bin/user/info") as resp:
