@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,8 @@ from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.ports import free_port  # noqa: E402  (one port picker for tests and bench)
 PY = sys.executable
 MEDIA_BYTES = 20 * 1024 * 1024
 POST_BODY = json.dumps({"touser": "o", "msgtype": "text", "text": {"content": "x" * 1990}})[:2048]
@@ -77,31 +77,6 @@ wrk.method = "POST"
 wrk.body = {body}
 wrk.headers["Content-Type"] = "application/json"
 """
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port below the ephemeral range (no outgoing connection can take it
-    before our server binds it), never the same twice in a run."""
-    try:
-        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 32768
-    high = ephemeral_low - 1
-    for _ in range(1000):
-        port = random.randint(max(10000, high - 15000), high)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 def which(tool: str) -> str:

@@ -4,6 +4,7 @@ as a last guard, any `access_token=`/`secret=` value that reaches a message
 through a third-party library is masked."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -101,7 +102,7 @@ class AccessLog:
             # (C) JSON string escaper; app names and methods are validated.
             line = (f'{{"ts": "{self._ts(now)}", "level": "info", "logger": "proxy.access", '
                     f'"msg": {_json_str(f"{method} {path} -> {status}")}, "event": "call", '
-                    f'{f_app(app)}"request_id": {_json_str(request_id)}, "method": "{method}", '
+                    f'{_app_field(app)}"request_id": {_json_str(request_id)}, "method": "{method}", '
                     f'"path": {_json_str(path)}, "status": {status}, '
                     f'{"" if errcode is None else f"{_errcode_field(errcode)}"}'
                     f'"replayed": {"true" if replayed else "false"}, "duration_s": {duration_s}}}')
@@ -117,7 +118,6 @@ class AccessLog:
             self.flush()
         elif self._timer is None:
             try:
-                import asyncio
                 self._timer = asyncio.get_running_loop().call_later(self.FLUSH_S, self.flush)
             except RuntimeError:
                 self.flush()
@@ -138,7 +138,7 @@ class AccessLog:
 _json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
-def f_app(app: str | None) -> str:
+def _app_field(app: str | None) -> str:
     return "" if app is None else f'"app": "{app}", '
 
 

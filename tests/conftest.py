@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import shutil
 import signal
 import socket
@@ -23,6 +22,8 @@ from proxy import config as config_mod
 from proxy.server import Running, start_sidecar
 from proxy.simulator import SimSettings, WeChatSimulator
 
+from .ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 APPID = "wx00000000000000a1"
@@ -31,38 +32,6 @@ APPID2 = "wx00000000000000b2"
 SECRET2 = "test-secret-bbbbbbbbbbbbbbbbbbbbbbb2"
 CORPID = "ww00000000000000c3"
 CORPSECRET = "test-corpsecret-ccccccccccccccccccc3"
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A port for a server a test starts later (often in a subprocess).
-
-    Taken from below the kernel's ephemeral range, so no outgoing connection
-    or port-0 bind can take it between now and the bind, and never the same
-    one twice in a run."""
-    high = min(_ephemeral_low(), 65536) - 1
-    low = max(10000, high - 15000)
-    for _ in range(1000):
-        port = random.randint(low, high)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 @pytest.fixture
@@ -95,6 +64,25 @@ def sidecar_yaml(upstream: str, *, app: str = "", top: str = "", listen_port: in
             refresh_before_s: {refresh_before_s}
             min_refresh_interval_s: {min_refresh_interval_s}
         """) + textwrap.indent(app_extra, "    ") + textwrap.indent(textwrap.dedent(app), "  ")
+
+
+def mini_app_yaml(token_api: str = "client_credential") -> str:
+    """A second app entry, `mini`, for tests with two apps in one sidecar."""
+    return f"""
+- name: mini
+  appid: {APPID2}
+  secret: "{SECRET2}"
+  token_api: {token_api}
+"""
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll instead of sleeping a fixed time: done as soon as it holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
 
 
 SidecarFactory = Callable[..., Awaitable[Running]]

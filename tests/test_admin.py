@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 
-from .conftest import APPID, SECRET, sidecar_yaml
+from .conftest import APPID, SECRET, sidecar_yaml, wait_until
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -49,7 +49,7 @@ async def test_healthz_readyz_and_apps_over_http(sim, make_sidecar, http):
 
 async def test_readyz_names_the_reason_when_not_ready(sim, make_sidecar, http):
     sc = await make_sidecar(secret="wrong", wait_ready=False)
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: sc.sidecar.managers["mp"].state.last_failure is not None)
     async with http.get(f"{sc.admin}/readyz") as resp:
         assert resp.status == 503
         body = await resp.json()

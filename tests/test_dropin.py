@@ -11,7 +11,7 @@ import pytest
 
 from proxy.forward import NO_TOKEN_TABLE
 
-from .conftest import APPID, APPID2, CORPID, CORPSECRET, SECRET, SECRET2, sidecar_yaml
+from .conftest import APPID, APPID2, CORPID, CORPSECRET, SECRET, mini_app_yaml, sidecar_yaml
 
 TOKEN_ERRORS = (40001, 40014, 42001)
 
@@ -141,12 +141,7 @@ async def test_wecom_bad_secret_40001_is_a_credential_error(sim, make_sidecar, h
 
 
 async def test_two_apps_never_mix_tokens_under_concurrent_load(sim, make_sidecar, http):
-    sc = await make_sidecar(sidecar_yaml(sim.url, app=f"""
-- name: mini
-  appid: {APPID2}
-  secret: "{SECRET2}"
-  token_api: client_credential
-"""))
+    sc = await make_sidecar(sidecar_yaml(sim.url, app=mini_app_yaml()))
 
     async def call(i: int) -> tuple[str, str]:
         app = ("mp", "mini")[i % 2]

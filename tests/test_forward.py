@@ -11,7 +11,7 @@ from yarl import URL
 
 from proxy.tokens import TokenUnavailable
 
-from .conftest import APPID, APPID2, SECRET2, free_port, sidecar_yaml
+from .conftest import APPID, APPID2, SECRET2, free_port, mini_app_yaml, sidecar_yaml, wait_until
 
 
 def last_call(sim):
@@ -70,12 +70,7 @@ async def test_sns_calls_get_no_app_token(sim, make_sidecar, http):
 # ---------------------------------------------------------------- routing
 
 async def test_app_is_chosen_by_prefix_then_header_then_default(sim, make_sidecar, http):
-    sc = await make_sidecar(sidecar_yaml(sim.url, app=f"""
-        - name: mini
-          appid: {APPID2}
-          secret: "{SECRET2}"
-          token_api: client_credential
-        """))
+    sc = await make_sidecar(sidecar_yaml(sim.url, app=mini_app_yaml()))
     t_mp = sc.sidecar.managers["mp"].current().value
     t_mini = sc.sidecar.managers["mini"].current().value
     assert t_mp != t_mini
@@ -247,7 +242,7 @@ async def test_token_endpoint_down_while_token_valid_keeps_calls_working(sim, ma
 
 async def test_bad_secret_gives_a_clear_error_bounded_fetches_and_a_live_process(sim, make_sidecar, http):
     sc = await make_sidecar(secret="wrong-secret", wait_ready=False)
-    await asyncio.sleep(1.0)
+    await wait_until(lambda: sc.sidecar.managers["mp"].state.last_failure is not None)
     async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
         assert resp.status == 503
         err = await resp.json()
