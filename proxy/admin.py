@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from .config import is_loopback
-from .forward import sidecar_error
+from .httpserver import json_error_body
 from .tokens import TokenUnavailable
 from .tokens.store import StoreUnavailable
 
@@ -20,6 +20,12 @@ if TYPE_CHECKING:
 # The classic Prometheus text format, which every Prometheus version scrapes
 # and which generate_latest() writes.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def admin_error(status: int, why: str) -> web.Response:
+    """The admin port's errors, in the same JSON shape as the proxy port's."""
+    return web.Response(status=status, body=json_error_body(why),
+                        headers={"Content-Type": "application/json; charset=utf-8"})
 
 
 class AdminRoutes:
@@ -58,18 +64,18 @@ class AdminRoutes:
         if admin.token:
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {admin.token}".encode()):
-                return sidecar_error(401, "admin token required (Authorization: Bearer ...)")
+                return admin_error(401, "admin token required (Authorization: Bearer ...)")
         elif not is_loopback(admin.host):
-            return sidecar_error(403, "admin.token is empty and admin listens beyond loopback: "
+            return admin_error(403, "admin.token is empty and admin listens beyond loopback: "
                                       "POST refused; set admin.token")
         name = request.query.get("app") or self.sidecar.config.apps[0].name
         manager = self.sidecar.managers.get(name)
         if manager is None:
-            return sidecar_error(404, f"unknown app {name[:64]!r}")
+            return admin_error(404, f"unknown app {name[:64]!r}")
         try:
             token = await manager.refresh_now()
         except TokenUnavailable as exc:
-            return sidecar_error(503, str(exc))
+            return admin_error(503, str(exc))
         return web.json_response({"app": name, "expires_in": int(token.remaining(time.monotonic())),
                                   "refreshed": True})
 

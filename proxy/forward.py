@@ -5,7 +5,6 @@ request -> route -> token -> upstream -> answer
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import itertools
 import json
@@ -18,14 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
-from aiohttp import HttpVersion11, web
-from multidict import CIMultiDict, istr
-
 from .config import App, Config
+from .httpserver import BodyError, Header, Reply, Request, http_date, json_error_body
 from .logs import AccessLog
 from .metrics import Metrics
 from .tokens import Token, TokenManager, TokenUnavailable
-from .upstream import Response, UpstreamError, UpstreamPool, UpstreamTimeout, decode_header
+from .upstream import Response, UpstreamError, UpstreamPool, UpstreamTimeout
 
 log = logging.getLogger("proxy.forward")
 
@@ -37,7 +34,7 @@ SNIFF_LIMIT = 64 * 1024
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and ours: never forwarded either way.
 # Content-Length is recomputed for the bytes actually sent.
-HOP_BY_HOP = frozenset(istr(h) for h in (
+HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
     "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
     "Host", "Content-Length", "X-WeChat-App",
@@ -83,18 +80,17 @@ UPSTREAM_POOL_LIMIT = 100
 SIDECAR_ERRCODE_HEADER = "X-Sidecar-Upstream-Errcode"
 
 
+JSON_HEADER: Header = (b"Content-Type", b"application/json; charset=utf-8")
+
+
 def sidecar_error(status: int, why: str, headers: dict[str, str] | None = None,
-                  outcome: str = "") -> web.Response:
-    """An error made by the sidecar itself, in WeChat's shape (DESIGN.md)."""
-    body = json.dumps({"errcode": -1, "errmsg": f"sidecar: {why}"}, ensure_ascii=False).encode()
-    response = web.Response(status=status, body=body, headers={
-        "Content-Type": "application/json; charset=utf-8", **(headers or {})})
-    response[OUTCOME] = outcome or _OUTCOME_BY_STATUS.get(status, "bad_request")
-    return response
+                  outcome: str = "") -> Reply:
+    """An error made by the sidecar itself, in WeChat's shape (DESIGN.md);
+    `outcome` is how it is counted in wts_calls_total{outcome}."""
+    extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    return Reply(status, [JSON_HEADER, (b"Date", http_date()), *extra], json_error_body(why),
+                 outcome or _OUTCOME_BY_STATUS.get(status, "bad_request"))
 
-
-# How a sidecar-made answer is counted in wts_calls_total{outcome}.
-OUTCOME = web.ResponseKey("outcome", str)
 
 _OUTCOME_BY_STATUS = {502: "upstream_unreachable", 504: "upstream_timeout", 503: "no_token"}
 
@@ -134,22 +130,21 @@ def normalize_path(raw: str) -> str | None:
     return path + "/" if raw.endswith("/") and out else path
 
 
-def check_request(request: web.Request) -> web.Response | None:
+def check_request(request: Request) -> Reply | None:
     """Refuse what must never be forwarded: CONNECT, absolute-form targets
     (an open proxy), and requests over the size limits."""
     if request.method == "CONNECT":
         return sidecar_error(405, "CONNECT is not supported: this is not a forward proxy",
                              outcome="bad_request")
-    raw = request.raw_path
+    raw = request.target
     if not raw.startswith("/"):
         return sidecar_error(400, "absolute-form or malformed request target: send the path only, "
                                   "the sidecar picks the upstream", outcome="bad_request")
     if len(raw) > MAX_URL_BYTES:
         return sidecar_error(414, f"URL longer than {MAX_URL_BYTES} bytes", outcome="bad_request")
-    headers = request.raw_headers
-    if len(headers) > MAX_HEADER_COUNT:
+    if len(request.raw_headers) > MAX_HEADER_COUNT:
         return sidecar_error(431, f"more than {MAX_HEADER_COUNT} request headers", outcome="bad_request")
-    if sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
+    if request.head_bytes - len(raw) > MAX_HEADER_BYTES:
         return sidecar_error(431, f"request headers larger than {MAX_HEADER_BYTES} bytes", outcome="bad_request")
     return None
 
@@ -215,10 +210,10 @@ class Forwarder:
 
     # ------------------------------------------------------------ routing
 
-    def route(self, request: web.Request) -> tuple[App, str] | web.Response:
+    def route(self, request: Request) -> tuple[App, str] | Reply:
         """(app, upstream path) by path prefix, else X-WeChat-App, else the default app.
         The path is normalised first, so what names the app is what is forwarded."""
-        raw_path = normalize_path(request.rel_url.raw_path)
+        raw_path = normalize_path(request.path)
         if raw_path is None:
             return sidecar_error(400, "path cannot be normalised (it climbs above the root or "
                                       "carries encoded slashes, backslashes or NUL)", outcome="bad_request")
@@ -227,7 +222,7 @@ class Forwarder:
         app = self.apps.get(first)
         if app is not None:
             return app, "/" + tail
-        header = request.headers.get("X-WeChat-App")
+        header = request.header(b"x-wechat-app")
         if header is not None:
             app = self.apps.get(header.strip())
             if app is None:
@@ -238,20 +233,20 @@ class Forwarder:
 
     # ------------------------------------------------------------ entry point
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Reply:
         started = time.monotonic()
-        request_id = request.headers.get("X-Request-Id", "")[:64] or self._next_request_id()
+        request_id = (request.header(b"x-request-id") or "")[:64] or self._next_request_id()
         outcome: dict[str, Any] = {"replayed": False, "errcode": None}
         routed = check_request(request) or self.route(request)
-        if isinstance(routed, web.Response):
-            response: web.StreamResponse = routed
+        if isinstance(routed, Reply):
+            response = routed
             app_name = None
         else:
             app, path = routed
             app_name = app.name
             response = await self._handle(request, app, path, outcome)
         duration = time.monotonic() - started
-        label = response.get(OUTCOME) or outcome.get("kind") or (
+        label = response.outcome or outcome.get("kind") or (
             "wechat_error" if outcome["errcode"] not in (None, 0) else "ok")
         if app_name is not None:
             self.metrics.observe_call(app_name, label, duration)
@@ -262,28 +257,24 @@ class Forwarder:
                              outcome["errcode"], outcome["replayed"], round(duration, 4))
         return response
 
-    async def _handle(self, request: web.Request, app: App, path: str,
-                      outcome: dict[str, Any]) -> web.StreamResponse:
+    async def _handle(self, request: Request, app: App, path: str, outcome: dict[str, Any]) -> Reply:
         manager = self.managers[app.name]
         if path in LOCAL_TOKEN_PATHS:
             local = await self._answer_locally(request, app, manager, path)
             if local is not None:
                 return local
 
-        if request.body_exists and "Expect" in request.headers:
-            refused = await self._continue(request)
+        body = b""
+        if request.body_exists:
+            refused = self._continue(request)
             if refused is not None:
                 return refused
-        try:
-            body = await asyncio.wait_for(request.read(), self.config.client_timeout_s) \
-                if request.body_exists else b""
-        except web.HTTPRequestEntityTooLarge:
-            return sidecar_error(413, f"request body over {self.config.max_body_bytes} bytes")
-        except asyncio.TimeoutError:
-            return sidecar_error(408, f"request body not received within {self.config.client_timeout_s:g} s",
-                                 outcome="bad_request")
+            try:
+                body = await request.read()
+            except BodyError as exc:
+                return sidecar_error(exc.status, exc.why, outcome="bad_request")
         headers = self._upstream_headers(request)
-        raw_query = request.rel_url.raw_query_string
+        raw_query = request.query
 
         if app.inject_secret and path in SECRET_PARAMS:
             values = {"appid": app.appid, "secret": app.secret, "appsecret": app.secret}
@@ -304,10 +295,10 @@ class Forwarder:
         return await self._exchange(request, target, headers, body, outcome, token=token,
                                     manager=manager, app=app, path=path, raw_query=raw_query)
 
-    async def _exchange(self, request: web.Request, target: str, headers: list[tuple[bytes, bytes]],
+    async def _exchange(self, request: Request, target: str, headers: list[Header],
                         body: bytes, outcome: dict[str, Any], *, token: Token | None,
                         manager: TokenManager | None, app: App, path: str,
-                        raw_query: str = "") -> web.StreamResponse:
+                        raw_query: str = "") -> Reply:
         pool = self._pool(app)
         refresh_codes = self.refresh_codes[app.name]
         try:
@@ -349,23 +340,23 @@ class Forwarder:
                              {SIDECAR_ERRCODE_HEADER: str(answer.errcode)}, outcome="token_rejected")
 
     @staticmethod
-    async def _continue(request: web.BaseRequest) -> web.Response | None:
+    def _continue(request: Request) -> Reply | None:
         """Answer `Expect: 100-continue` before reading the body (clients such
-        as libcurl otherwise wait a second per upload). The proxy port runs
-        on aiohttp's low-level server, which leaves this to the handler."""
-        if request.version != HttpVersion11:
+        as libcurl otherwise wait a second per upload)."""
+        if request.version != "1.1":
             return None
-        expect = request.headers.get("Expect", "")
+        expect = request.header(b"expect")
+        if expect is None:
+            return None
         if expect.lower() != "100-continue":
             return sidecar_error(417, f"unsupported Expect: {expect[:64]}", outcome="bad_request")
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0   # the answer itself has not started
+        request.send_continue()
         return None
 
     # ------------------------------------------------------------ local answers
 
-    async def _answer_locally(self, request: web.Request, app: App, manager: TokenManager,
-                              path: str) -> web.StreamResponse | None:
+    async def _answer_locally(self, request: Request, app: App, manager: TokenManager,
+                              path: str) -> Reply | None:
         """SDKs that insist on fetching a token get the shared one, never a
         fetch of their own that would invalidate it (DESIGN.md)."""
         method = request.method
@@ -382,7 +373,9 @@ class Forwarder:
             try:
                 data = json.loads(await request.read() or b"{}")
                 force = isinstance(data, dict) and data.get("force_refresh") is True
-            except (ValueError, web.HTTPRequestEntityTooLarge):
+            except BodyError as exc:
+                return sidecar_error(exc.status, exc.why, outcome="bad_request")
+            except ValueError:
                 pass
         try:
             token = await manager.refresh_for_caller() if force else (manager.current() or await manager.get())
@@ -392,9 +385,8 @@ class Forwarder:
         payload: dict[str, Any] = {"access_token": token.value, "expires_in": left}
         if wecom:
             payload = {"errcode": 0, "errmsg": "ok", **payload}
-        return web.Response(body=json.dumps(payload).encode(),
-                            headers={"Content-Type": "application/json; charset=utf-8",
-                                     "Cache-Control": "no-store"})
+        return Reply(200, [JSON_HEADER, (b"Cache-Control", b"no-store"), (b"Date", http_date())],
+                     json.dumps(payload).encode())
 
     # ------------------------------------------------------------ upstream
 
@@ -406,16 +398,16 @@ class Forwarder:
         return pool
 
     @staticmethod
-    def _upstream_headers(request: web.Request) -> list[tuple[bytes, bytes]]:
+    def _upstream_headers(request: Request) -> list[Header]:
         raw = request.raw_headers
         skip = HOP_BY_HOP_BYTES
-        connection = request.headers.get("Connection")
-        if connection:   # headers the client named as hop-by-hop go too
-            skip = skip | {h.strip().lower().encode("latin-1") for h in connection.split(",") if h.strip()}
+        for connection in request.headers_named(b"connection"):
+            # headers the client named as hop-by-hop go too
+            skip = skip | {h.strip().lower() for h in connection.split(b",") if h.strip()}
         return [(k, v) for k, v in raw if k.lower() not in skip]
 
     async def _send(self, pool: UpstreamPool, method: str, target: str,
-                    headers: list[tuple[bytes, bytes]], body: bytes,
+                    headers: list[Header], body: bytes,
                     refresh_codes: frozenset[int]) -> _Answer:
         timeout = self.config.upstream.timeout_s
         try:
@@ -490,53 +482,41 @@ class Forwarder:
     # ------------------------------------------------------------ answer
 
     @staticmethod
-    def _downstream_headers(resp: Response) -> CIMultiDict[str]:
-        return CIMultiDict((decode_header(k), decode_header(v)) for k, v in resp.raw_headers
-                           if k.lower() not in HOP_BY_HOP_BYTES)
+    def _downstream_headers(resp: Response) -> list[Header]:
+        return [(k, v) for k, v in resp.raw_headers if k.lower() not in HOP_BY_HOP_BYTES]
 
-    async def _relay(self, request: web.Request, answer: _Answer) -> web.StreamResponse:
+    async def _relay(self, request: Request, answer: _Answer) -> Reply:
         resp = answer.resp
         headers = self._downstream_headers(resp)
         if request.method == "HEAD":
             # No body, but the upstream's Content-Length describes the GET answer.
             resp.release()
-            out = web.StreamResponse(status=resp.status, headers=headers)
-            if resp.content_length is not None:
-                out.content_length = resp.content_length
-            await out.prepare(request)
-            await out.write_eof()
-            return out
+            request.start(resp.status, headers, resp.content_length)
+            request.finish()
+            return Reply(resp.status, sent=True)
         if answer.complete:
-            # Small answer: already in hand; send it whole.
+            # Small answer: already in hand; sent whole, in one write.
             resp.release()
-            out = web.Response(status=resp.status, body=answer.head, headers=headers)
-            if "Content-Type" not in headers:
-                out.headers.popall("Content-Type", None)
-            return out
+            return Reply(resp.status, headers, answer.head)
         # Large or binary answer: stream through, never held in memory.
-        out = web.StreamResponse(status=resp.status, headers=headers)
-        if resp.content_length is not None:
-            out.content_length = resp.content_length
         timeout = self.config.upstream.timeout_s
         try:
-            await out.prepare(request)
+            request.start(resp.status, headers, resp.content_length)
             if answer.head:
-                await out.write(answer.head)
+                await request.write(answer.head)
             while chunk := await resp.read_chunk(timeout):
-                await out.write(chunk)
-            await out.write_eof()
+                await request.write(chunk)
+            request.finish()
         except UpstreamError as exc:
             # The status line is gone already: cut the connection so the
             # client sees a truncated answer rather than a silently short one.
             log.warning("upstream failed mid-answer: %s", exc)
-            out.force_close()
-            if request.transport is not None:
-                request.transport.close()
+            request.abort()
         except ConnectionResetError:
-            pass  # the app went away; nothing to tell it
+            request.abort()   # the app went away; nothing to tell it
         finally:
             resp.release()
-        return out
+        return Reply(resp.status, sent=True)
 
 
 def _has_encoding(resp: Response) -> bool:
@@ -544,6 +524,6 @@ def _has_encoding(resp: Response) -> bool:
 
 
 class _UpstreamFailed(Exception):
-    def __init__(self, response: web.Response):
+    def __init__(self, response: Reply):
         super().__init__(response.status)
         self.response = response

@@ -7,23 +7,23 @@ import logging
 import signal
 import socket
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Callable
 
 import aiohttp
 from aiohttp import web
 
-from .admin import AdminRoutes
+from .admin import AdminRoutes, admin_error
 from .config import App, Config, ConfigError
+from .forward import Forwarder, sidecar_error
+from .httpserver import HttpServer, Reply, Request
 from .logs import AccessLog
 from .metrics import Metrics
 from .upstream import UpstreamPool
-from .forward import Forwarder, sidecar_error
 from .tokens import MemoryStore, TokenManager, TokenStore, make_fetcher
 
 log = logging.getLogger("proxy.server")
 
-# aiohttp's parser refuses (bare 400) beyond these; forward.py answers JSON
-# 414/431 at half of them.
+# The admin port's parser (aiohttp) refuses with a bare 400 beyond these.
 PARSER_MAX_LINE = 2 * 8192
 PARSER_MAX_HEADERS = 256
 
@@ -152,42 +152,39 @@ class Sidecar:
         return False
 
 
-async def _answer_errors(request: web.BaseRequest, handler: Callable) -> web.StreamResponse:
+@web.middleware
+async def _json_errors(request: web.Request, handler: Callable) -> web.StreamResponse:
     """Errors made by the sidecar are JSON, never an HTML page or a stack trace."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return sidecar_error(exc.status, exc.reason.lower())
+        return admin_error(exc.status, exc.reason.lower())
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unexpected error handling %s %s", request.method, request.path)
-        return sidecar_error(500, "internal error")
+        return admin_error(500, "internal error")
 
 
-@web.middleware
-async def _json_errors(request: web.Request, handler: Callable) -> web.StreamResponse:
-    return await _answer_errors(request, handler)
+def build_proxy_server(sidecar: Sidecar) -> HttpServer:
+    """The proxy port: our own HTTP/1.1 server (httpserver.py) with the
+    forwarder as its only handler. Every request goes to the forwarder, routed
+    or not (CONNECT and absolute-form targets get its JSON refusal)."""
+    cfg = sidecar.config
 
-
-def build_proxy_server(sidecar: Sidecar, **handler_args: Any) -> web.Server:
-    """The proxy port: aiohttp's low-level server with the forwarder as its only
-    handler. Every request goes to the forwarder, routed or not (CONNECT and
-    absolute-form targets get its JSON refusal), and no router, middleware or
-    Application layer costs anything per call (profiled: about 20 %)."""
-    max_body = sidecar.config.max_body_bytes
-
-    def make_request(message, payload, protocol, writer, task):  # type: ignore[no-untyped-def]
-        return web.BaseRequest(message, payload, protocol, writer, task, protocol._loop,
-                               client_max_size=max_body)
-
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(request: Request) -> Reply:
         assert sidecar.forwarder is not None
-        return await _answer_errors(request, sidecar.forwarder.handle)
+        try:
+            return await sidecar.forwarder.handle(request)
+        except Exception:
+            log.exception("unexpected error handling %s %s", request.method, request.path)
+            return sidecar_error(500, "internal error")
 
-    return web.Server(handle, request_factory=make_request, **handler_args)
+    # idle_timeout also closes a connection that never completes a request (slowloris).
+    return HttpServer(handle, idle_timeout=cfg.client_timeout_s, body_timeout=cfg.client_timeout_s,
+                      max_body=cfg.max_body_bytes)
 
 
 def build_admin_app(sidecar: Sidecar) -> web.Application:
@@ -200,27 +197,24 @@ def build_admin_app(sidecar: Sidecar) -> web.Application:
 class Running:
     """Both listeners of a started sidecar; `stop()` undoes `start_sidecar`."""
 
-    def __init__(self, sidecar: Sidecar, runners: list[web.BaseRunner]):
+    def __init__(self, sidecar: Sidecar, proxy: HttpServer, admin: web.BaseRunner):
         self.sidecar = sidecar
-        self.runners = runners
-
-    def port(self, which: int) -> int:
-        server = self.runners[which].addresses[0]
-        return int(server[1])
+        self.proxy = proxy
+        self.admin_runner = admin
 
     @property
     def proxy_port(self) -> int:
-        return self.port(0)
+        return self.proxy.port
 
     @property
     def admin_port(self) -> int:
-        return self.port(1)
+        return int(self.admin_runner.addresses[0][1])
 
     async def stop(self) -> None:
         # Both listeners stop accepting; in-flight calls finish (up to the
         # grace); then the sidecar's resources close.
-        for runner in reversed(self.runners):
-            await runner.cleanup()
+        await self.admin_runner.cleanup()
+        await self.proxy.shutdown(self.sidecar.config.shutdown_grace_s)
         await self.sidecar.close()
 
 
@@ -252,20 +246,15 @@ async def start_sidecar(config: Config) -> Running:
         raise
     sidecar = Sidecar(config)
     await sidecar.open()
-    grace = config.shutdown_grace_s
-    # keepalive_timeout also closes a connection that never completes a
-    # request (slowloris); the parser limits sit above forward.py's JSON ones.
-    limits: dict[str, Any] = dict(keepalive_timeout=config.client_timeout_s, max_line_size=PARSER_MAX_LINE,
-                                  max_field_size=PARSER_MAX_LINE, max_headers=PARSER_MAX_HEADERS)
-    runners: list[web.BaseRunner] = [
-        web.ServerRunner(build_proxy_server(sidecar, access_log=None, **limits),
-                         handle_signals=False, shutdown_timeout=grace),
-        web.AppRunner(build_admin_app(sidecar), access_log=None, handle_signals=False,
-                      shutdown_timeout=min(grace, 1.0), **limits)]
-    for runner, sock in zip(runners, sockets, strict=True):
-        await runner.setup()
-        await web.SockSite(runner, sock).start()
-    return Running(sidecar, runners)
+    proxy = build_proxy_server(sidecar)
+    await proxy.start(sockets[0])
+    admin = web.AppRunner(build_admin_app(sidecar), access_log=None, handle_signals=False,
+                          shutdown_timeout=min(config.shutdown_grace_s, 1.0),
+                          keepalive_timeout=config.client_timeout_s, max_line_size=PARSER_MAX_LINE,
+                          max_field_size=PARSER_MAX_LINE, max_headers=PARSER_MAX_HEADERS)
+    await admin.setup()
+    await web.SockSite(admin, sockets[1]).start()
+    return Running(sidecar, proxy, admin)
 
 
 async def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
