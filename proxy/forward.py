@@ -394,7 +394,7 @@ class Forwarder:
         pool = self.pools.get(app.upstream)
         if pool is None:
             pool = self.pools[app.upstream] = UpstreamPool(app.upstream, self.config.upstream.timeout_s,
-                                                           UPSTREAM_POOL_LIMIT)
+                                                           UPSTREAM_POOL_LIMIT, drop=HOP_BY_HOP_BYTES)
         return pool
 
     @staticmethod
@@ -442,29 +442,22 @@ class Forwarder:
     def _errcode(resp: Response, data: bytes, refresh_codes: frozenset[int]) -> tuple[int | None, str]:
         """The errcode of a JSON answer: by Content-Type, or by a body that starts
         with `{` whatever the type says (binary endpoints, §6)."""
-        if b"errcode" not in data and not _has_encoding(resp):
-            return None, ""            # the common case: nothing to look at
-        ctype, encoding = b"", b""
-        for name, value in resp.raw_headers:
-            lower = name.lower()
-            if lower == b"content-type":
-                ctype = value.lower()
-            elif lower == b"content-encoding":
-                encoding = value.strip().lower()
-        if encoding in (b"gzip", b"deflate", b"x-gzip"):
-            try:
-                # wbits 47: gzip or zlib header, detected; bounded output.
-                data = zlib.decompressobj(47).decompress(data, SNIFF_LIMIT)
-            except zlib.error:
+        encoding = resp.content_encoding
+        if encoding:
+            if encoding not in (b"gzip", b"deflate", b"x-gzip", b"identity"):
                 return None, ""
-        elif encoding not in (b"", b"identity"):
-            return None, ""
+            if encoding != b"identity":
+                try:
+                    # wbits 47: gzip or zlib header, detected; bounded output.
+                    data = zlib.decompressobj(47).decompress(data, SNIFF_LIMIT)
+                except zlib.error:
+                    return None, ""
         if b"errcode" not in data:
-            return None, ""
-        if not (ctype.startswith(JSON_TYPES_BYTES) or data.lstrip()[:1] == b"{"):
+            return None, ""            # the common case for business answers
+        if not (resp.content_type.lower().startswith(JSON_TYPES_BYTES) or data.lstrip()[:1] == b"{"):
             return None, ""
         codes = _ERRCODE_RE.findall(data)
-        if codes and not any(int(c) in refresh_codes for c in codes):
+        if codes and refresh_codes.isdisjoint(map(int, codes)):
             # No token errcode anywhere: the first errcode is the answer's
             # (WeChat writes it first); no need to parse the whole body.
             return int(codes[0]), ""
@@ -481,13 +474,9 @@ class Forwarder:
 
     # ------------------------------------------------------------ answer
 
-    @staticmethod
-    def _downstream_headers(resp: Response) -> list[Header]:
-        return [(k, v) for k, v in resp.raw_headers if k.lower() not in HOP_BY_HOP_BYTES]
-
     async def _relay(self, request: Request, answer: _Answer) -> Reply:
         resp = answer.resp
-        headers = self._downstream_headers(resp)
+        headers = resp.relay_headers       # hop-by-hop headers were left out while parsing
         if request.method == "HEAD":
             # No body, but the upstream's Content-Length describes the GET answer.
             resp.release()
@@ -517,10 +506,6 @@ class Forwarder:
         finally:
             resp.release()
         return Reply(resp.status, sent=True)
-
-
-def _has_encoding(resp: Response) -> bool:
-    return any(name.lower() == b"content-encoding" for name, _ in resp.raw_headers)
 
 
 class _UpstreamFailed(Exception):

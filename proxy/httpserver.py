@@ -211,6 +211,7 @@ class _Connection(asyncio.Protocol):
         self.parsing: Request | None = None      # whose body is being received
         self.pipeline: collections.deque[Request] = collections.deque()
         self.task: asyncio.Task[None] | None = None
+        self._next: asyncio.Future[Request | None] | None = None   # the task waiting for a request
         self.idle_since = self.loop.time()
         self.timer: asyncio.TimerHandle | None = None
         self.reading_paused = False
@@ -259,6 +260,8 @@ class _Connection(asyncio.Protocol):
                 req._fail(BodyError(400, "the client closed the connection"))
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
+        if self._next is not None and not self._next.done():
+            self._next.set_result(None)
         if not self.server.connections and self.server._all_closed is not None:
             self.server._all_closed.set()
 
@@ -291,11 +294,12 @@ class _Connection(asyncio.Protocol):
             raise _HeadTooLarge(f"request head over {MAX_HEAD_BYTES} bytes")
         if len(self._headers) > MAX_HEAD_COUNT:
             raise _HeadTooLarge(f"more than {MAX_HEAD_COUNT} request headers")
-        lower = name.lower()
-        if lower == b"content-length":
-            self._body_exists = value.strip() not in (b"0", b"")
-        elif lower == b"transfer-encoding":
-            self._body_exists = True
+        if len(name) in (14, 17):                  # only these two lengths matter here
+            lower = name.lower()
+            if lower == b"content-length":
+                self._body_exists = value.strip() not in (b"0", b"")
+            elif lower == b"transfer-encoding":
+                self._body_exists = True
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -303,6 +307,8 @@ class _Connection(asyncio.Protocol):
                       parser.get_http_version(), self._headers, self._head_bytes,
                       parser.should_keep_alive(), self._body_exists)
         self.parsing = req if req.body_exists else None
+        if not self.keep_alive:
+            return                      # closing: a request after the last one is not answered
         if self.current is None:
             self._serve(req)
         else:
@@ -323,22 +329,36 @@ class _Connection(asyncio.Protocol):
     # -- serving
 
     def _serve(self, req: Request) -> None:
+        """Hand `req` to the connection's task, waiting for it or started now.
+        One task a connection, not one a request (a task costs more than a
+        future to wake)."""
         self.current = req
-        self.task = self.loop.create_task(self._run(req))
+        waiter = self._next
+        if waiter is not None:
+            self._next = None
+            waiter.set_result(req)
+        else:
+            self.task = self.loop.create_task(self._run(req))
 
-    async def _run(self, req: Request) -> None:
-        try:
-            reply = await self.server.handler(req)
-        except Exception:
-            log.exception("unexpected error handling %s %s", req.method, req.path)
-            reply = Reply(500, [(b"Content-Type", b"application/json; charset=utf-8")],
-                          json_error_body("internal error"), "bad_request")
-        if req._state == 0:
-            self.write(self.head(req, reply.status, reply.headers, len(reply.body),
-                                 self.keep(req), False, reply.body))
-        elif req._state == 1:       # a handler that started an answer and left it
-            req.abort()
-        self._done(req)
+    async def _run(self, req: Request | None) -> None:
+        """Answer the connection's requests in turn until it closes."""
+        while req is not None:
+            try:
+                reply = await self.server.handler(req)
+            except Exception:
+                log.exception("unexpected error handling %s %s", req.method, req.path)
+                reply = Reply(500, [(b"Content-Type", b"application/json; charset=utf-8")],
+                              json_error_body("internal error"), "bad_request")
+            if req._state == 0:
+                self.write(self.head(req, reply.status, reply.headers, len(reply.body),
+                                     self.keep(req), False, reply.body))
+            elif req._state == 1:       # a handler that started an answer and left it
+                req.abort()
+            req = self._done()
+            if req is None and self.keep_alive and not self.closed:
+                self._next = self.loop.create_future()
+                req = await self._next      # None when the connection closes
+        self.task = None
 
     def keep(self, req: Request) -> bool:
         """Whether the connection stays open after `req`'s answer."""
@@ -372,25 +392,27 @@ class _Connection(asyncio.Protocol):
             parts.append(body)
         return b"".join(parts)
 
-    def _done(self, req: Request) -> None:
+    def _done(self) -> Request | None:
+        """After an answer: the next request if one is waiting, else None."""
         self.current = None
-        self.task = None
+        if self.closed:
+            return None
         if not self.keep_alive:
-            if self._linger and self.parsing is not None and not self.closed:
+            if self._linger and self.parsing is not None:
                 # Drain what is left of the body, then close; the idle timer ends it anyway.
                 self.idle_since = self.loop.time()
                 self._resume_reading()
-                return
+                return None
             self.close()
-            return
+            return None
         if self.pipeline:
-            next_req = self.pipeline.popleft()
+            self.current = self.pipeline.popleft()
             if not self.pipeline:
                 self._resume_reading()
-            self._serve(next_req)
-            return
+            return self.current
         self.idle_since = self.loop.time()
         self._resume_reading()
+        return None
 
     def _check_idle(self) -> None:
         if self.closed:

@@ -17,7 +17,6 @@ from typing import Iterable
 from urllib.parse import urlsplit
 
 import httptools
-from multidict import CIMultiDict
 
 # A connection buffers at most this much answer body before it stops reading
 # from the socket until the app has taken some (a 20 MiB download streams).
@@ -38,23 +37,24 @@ class UpstreamTimeout(UpstreamError):
     pass
 
 
-def decode_header(value: bytes) -> str:
-    """Header bytes as text: UTF-8 (which aiohttp writes back unchanged), else Latin-1."""
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
-
-
 class Response:
-    """One upstream answer: status and headers at once, the body as it comes."""
+    """One upstream answer: status and headers at once, the body as it comes.
+    What the forwarder needs of the headers is read while they are parsed:
+    the length, type and encoding, and `relay_headers` (all but the pool's
+    `drop` set and Content-Length, which is written for the bytes sent)."""
+
+    __slots__ = ("_conn", "head_only", "status", "raw_headers", "relay_headers", "content_type",
+                 "content_encoding", "content_length", "keep_alive", "complete", "_chunks", "_buffered",
+                 "_waiter", "_error", "headers_done", "_released")
 
     def __init__(self, conn: "_Connection", head_only: bool):
         self._conn = conn
         self.head_only = head_only
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
-        self._headers: CIMultiDict[str] | None = None
+        self.relay_headers: list[tuple[bytes, bytes]] = []
+        self.content_type = b""
+        self.content_encoding = b""           # lower case, stripped
         self.content_length: int | None = None
         self.keep_alive = False
         self.complete = False
@@ -64,12 +64,6 @@ class Response:
         self._error: BaseException | None = None
         self.headers_done: asyncio.Future[None] = conn.loop.create_future()
         self._released = False
-
-    @property
-    def headers(self) -> CIMultiDict[str]:
-        if self._headers is None:
-            self._headers = CIMultiDict((decode_header(k), decode_header(v)) for k, v in self.raw_headers)
-        return self._headers
 
     # -- fed by the connection
 
@@ -153,16 +147,6 @@ def _expire(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(UpstreamTimeout("upstream timed out"))
 
 
-async def _headers_within(response: Response, timeout: float) -> None:
-    """Wait for the answer's headers; on timeout the connection is closed."""
-    done = response.headers_done
-    if not done.done():
-        timer = response._conn.loop.call_later(timeout, response._conn.timed_out)
-        try:
-            await done
-        finally:
-            timer.cancel()
-    done.result()
 
 
 class _Connection(asyncio.Protocol):
@@ -176,11 +160,13 @@ class _Connection(asyncio.Protocol):
         self.received_any = False
         self.interim = False
         self._paused = False
+        self.deadline = 0.0            # for the answer's headers; see UpstreamPool._sweep
 
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.pool._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
@@ -196,6 +182,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.pool._connections.discard(self)
         if self.response is not None and not self.response.complete:
             if self.response.head_only and self.response.headers_done.done():
                 self.response._finish()
@@ -205,13 +192,22 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.response is not None
-        self.response.raw_headers.append((name, value))
-        if len(name) == 14 and name.lower() == b"content-length":
+        response = self.response
+        assert response is not None
+        response.raw_headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length":
             try:
-                self.response.content_length = int(value)
+                response.content_length = int(value)
             except ValueError:
                 pass
+            return
+        if lower == b"content-type":
+            response.content_type = value
+        elif lower == b"content-encoding":
+            response.content_encoding = value.strip().lower()
+        if lower not in self.pool.drop:
+            response.relay_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         response = self.response
@@ -221,7 +217,9 @@ class _Connection(asyncio.Protocol):
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.
             self.interim = True
             response.raw_headers.clear()
+            response.relay_headers.clear()
             response.content_length = None
+            response.content_type = response.content_encoding = b""
             return
         response.status = status
         response.keep_alive = self.parser.should_keep_alive()
@@ -272,12 +270,22 @@ class _Connection(asyncio.Protocol):
         self.closed = True
 
     def start(self, request: bytes, head_only: bool) -> Response:
-        self.parser = httptools.HttpResponseParser(self)
+        # The parser carries over: a connection is reused only after an
+        # answer it parsed to the end (never after HEAD; see on_headers_complete).
         self.response = Response(self, head_only)
         self.received_any = False
+        self.deadline = self.loop.time() + self.pool.timeout
         assert self.transport is not None
         self.transport.write(request)
         return self.response
+
+    async def headers(self, response: Response) -> None:
+        """Wait for the answer's headers (the pool's sweep enforces the timeout)."""
+        done = response.headers_done
+        if not done.done():
+            self.pool._sweeping()
+            await done
+        done.result()
 
     def done(self, response: Response, reusable: bool) -> None:
         if self.response is response:
@@ -290,7 +298,7 @@ class UpstreamPool:
     """Keep-alive connections to one upstream; beyond `limit` calls queue."""
 
     def __init__(self, base_url: str, timeout_s: float, limit: int = 100,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None, drop: Iterable[bytes] = ()):
         parts = urlsplit(base_url)
         self.scheme = parts.scheme
         self.host = parts.hostname or ""
@@ -304,6 +312,31 @@ class UpstreamPool:
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(limit)
         self._max_idle = limit   # every connection in use may be reused
+        self.drop = frozenset(drop)   # lower-case header names kept out of relay_headers
+        self._connections: set[_Connection] = set()
+        # One timer per pool checks deadlines, instead of one per call: a
+        # timeout fires at most a quarter of itself late.
+        self._tick = min(1.0, max(0.05, timeout_s / 4))
+        self._sweep_timer: asyncio.TimerHandle | None = None
+
+    def _sweeping(self) -> None:
+        if self._sweep_timer is None:
+            self._sweep_timer = self.loop.call_later(self._tick, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_timer = None
+        now = self.loop.time()
+        waiting = False
+        for conn in list(self._connections):
+            response = conn.response
+            if response is None or response.headers_done.done():
+                continue
+            if conn.deadline <= now:
+                conn.timed_out()
+            else:
+                waiting = True
+        if waiting:
+            self._sweeping()
 
     async def _connect(self) -> _Connection:
         try:
@@ -349,7 +382,7 @@ class UpstreamPool:
                 continue
             response = conn.start(data, head_only)
             try:
-                await _headers_within(response, self.timeout)
+                await conn.headers(response)
                 return response
             except UpstreamTimeout:
                 raise
@@ -361,7 +394,7 @@ class UpstreamPool:
                 conn.close()
         conn = await self._connect()
         response = conn.start(data, head_only)
-        await _headers_within(response, self.timeout)
+        await conn.headers(response)
         return response
 
     def _give_back(self, conn: _Connection, reusable: bool) -> None:
@@ -375,3 +408,6 @@ class UpstreamPool:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None

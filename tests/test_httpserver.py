@@ -1,0 +1,312 @@
+"""The proxy port's HTTP/1.1 server (proxy/httpserver.py) on its own, over
+real sockets: keep-alive, pipelining, HTTP/1.0, bodies, limits, streaming
+with backpressure, idle connections, graceful shutdown."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from proxy.httpserver import BodyError, HttpServer, Reply, Request
+
+Handler = Callable[[Request], Awaitable[Reply]]
+TEXT = (b"Content-Type", b"text/plain")
+
+
+async def echo(request: Request) -> Reply:
+    """Answers what it saw; `?sleep=s` waits first."""
+    if "sleep=" in request.query:
+        await asyncio.sleep(float(request.query.split("sleep=")[1]))
+    try:
+        body = await request.read()
+    except BodyError as exc:
+        return Reply(exc.status, [TEXT], exc.why.encode())
+    seen = {"method": request.method, "path": request.path, "query": request.query,
+            "version": request.version, "body": body.decode("latin-1"),
+            "headers": [[k.decode(), v.decode()] for k, v in request.raw_headers]}
+    return Reply(200, [(b"Content-Type", b"application/json")], json.dumps(seen).encode())
+
+
+class Served:
+    def __init__(self, server: HttpServer):
+        self.server = server
+        self.port = server.port
+
+    async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[..., Awaitable[Served]]]:
+    servers: list[HttpServer] = []
+
+    async def start(handler: Handler = echo, *, idle_timeout: float = 5, body_timeout: float = 5,
+                    max_body: int = 1 << 20) -> Served:
+        server = HttpServer(handler, idle_timeout=idle_timeout, body_timeout=body_timeout, max_body=max_body)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        sock.setblocking(False)
+        await server.start(sock)
+        servers.append(server)
+        return Served(server)
+
+    yield start
+    for server in servers:
+        await server.shutdown(1)
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One answer off a keep-alive connection (Content-Length, chunked or to EOF)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5)
+    elif headers.get("transfer-encoding") == "chunked":
+        parts = []
+        while True:
+            size = int((await reader.readline()).strip(), 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            parts.append(chunk[:-2])
+        body = b"".join(parts)
+    else:
+        body = await asyncio.wait_for(reader.read(), 5)
+    return status, headers, body
+
+
+async def closed_by_server(reader: asyncio.StreamReader, within: float = 5) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), within) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_keep_alive_and_pipelined_requests_answer_in_order(serve):
+    served = await serve()
+    reader, writer = await served.open()
+    # The first is slow: the second, already parsed, must wait its turn.
+    writer.write(b"GET /one?sleep=0.2 HTTP/1.1\r\nHost: x\r\n\r\n"
+                 b"POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+                 b"GET /three HTTP/1.1\r\nHost: x\r\n\r\n")
+    answers = [await read_answer(reader) for _ in range(3)]
+    assert [json.loads(body)["path"] for _, _, body in answers] == ["/one", "/two", "/three"]
+    assert json.loads(answers[1][2])["body"] == "hello"
+    assert all(headers.get("connection") is None for _, headers, _ in answers)
+    writer.write(b"GET /four HTTP/1.1\r\nHost: x\r\n\r\n")          # still open
+    assert json.loads((await read_answer(reader))[2])["path"] == "/four"
+    writer.close()
+
+
+async def test_target_and_headers_reach_the_handler_as_sent(serve):
+    served = await serve()
+    reader, writer = await served.open()
+    writer.write(b"GET /a//b/%41?x=%2F&y=1 HTTP/1.1\r\nHost: x\r\nX-Case: MiXeD\r\nX-Dup: 1\r\nX-Dup: 2\r\n\r\n")
+    seen = json.loads((await read_answer(reader))[2])
+    assert seen["path"] == "/a//b/%41" and seen["query"] == "x=%2F&y=1"
+    assert seen["headers"] == [["Host", "x"], ["X-Case", "MiXeD"], ["X-Dup", "1"], ["X-Dup", "2"]]
+    writer.close()
+
+
+async def test_http_1_0_closes_unless_keep_alive_is_asked_for(serve):
+    served = await serve()
+    reader, writer = await served.open()
+    writer.write(b"GET /a HTTP/1.0\r\n\r\n")
+    status, headers, _ = await read_answer(reader)
+    assert status == 200 and headers["connection"] == "close"
+    assert await closed_by_server(reader)
+    reader, writer = await served.open()
+    writer.write(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    status, headers, _ = await read_answer(reader)
+    assert headers["connection"] == "keep-alive"
+    writer.write(b"GET /b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert json.loads((await read_answer(reader))[2])["path"] == "/b"
+    writer.close()
+
+
+async def test_connection_close_is_honoured(serve):
+    served = await serve()
+    reader, writer = await served.open()
+    writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    _, headers, _ = await read_answer(reader)
+    assert headers["connection"] == "close" and await closed_by_server(reader)
+
+
+async def test_chunked_request_bodies_are_decoded(serve):
+    served = await serve()
+    reader, writer = await served.open()
+    writer.write(b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"3\r\nabc\r\n")
+    await asyncio.sleep(0.05)                          # the body arrives in pieces
+    writer.write(b"4\r\ndefg\r\n0\r\n\r\n")
+    assert json.loads((await read_answer(reader))[2])["body"] == "abcdefg"
+    writer.close()
+
+
+async def test_a_body_over_the_limit_gets_413_which_the_client_actually_reads(serve):
+    served = await serve(max_body=1000)
+    reader, writer = await served.open()
+    body = b"x" * 2_000_000                           # far more than the socket buffers
+    writer.write(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+    writer.write(body)
+    status, headers, answer = await read_answer(reader)
+    assert status == 413 and b"over 1000 bytes" in answer and headers["connection"] == "close"
+    writer.close()
+
+
+async def test_a_late_body_is_408_and_the_connection_closes(serve):
+    served = await serve(body_timeout=0.3, idle_timeout=0.5)
+    reader, writer = await served.open()
+    writer.write(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    status, headers, answer = await read_answer(reader)
+    assert status == 408 and headers["connection"] == "close"
+    assert await closed_by_server(reader, within=3)
+
+
+async def test_idle_and_dribbling_connections_are_closed(serve):
+    served = await serve(idle_timeout=0.3)
+    reader, writer = await served.open()
+    writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_answer(reader)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await closed_by_server(reader)                  # idle keep-alive
+    assert 0.25 < loop.time() - started < 2
+    reader, writer = await served.open()
+    writer.write(b"GET /a HTTP/1.1\r\n")                   # a head that never ends
+    started = loop.time()
+    for _ in range(20):
+        writer.write(b"X-A: b\r\n")
+        await asyncio.sleep(0.05)
+        if reader.at_eof():
+            break
+    assert await closed_by_server(reader) and loop.time() - started < 2
+
+
+async def test_malformed_requests_get_json_400_and_a_closed_connection(serve):
+    served = await serve()
+    for junk in (b"NOT HTTP\r\n\r\n", b"GET /a HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                 b"GET /a HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"):
+        reader, writer = await served.open()
+        writer.write(junk)
+        status, headers, body = await read_answer(reader)
+        assert status == 400 and json.loads(body)["errcode"] == -1, junk
+        assert await closed_by_server(reader)
+
+
+async def test_a_request_head_over_the_hard_limit_is_431(serve):
+    served = await serve()
+    for head in (b"X-Big: " + b"v" * 70000 + b"\r\n", b"".join(b"X-%d: v\r\n" % i for i in range(300))):
+        reader, writer = await served.open()
+        writer.write(b"GET /a HTTP/1.1\r\n" + head + b"\r\n")
+        status, _, body = await read_answer(reader)
+        why = json.loads(body)["errmsg"]
+        assert status == 431 and ("request head over" in why or "more than 256 request headers" in why), why
+        assert await closed_by_server(reader)
+
+
+async def test_a_handler_that_fails_gets_a_json_500_and_the_connection_survives(serve):
+    async def flaky(request: Request) -> Reply:
+        if request.path == "/boom":
+            raise RuntimeError("bug")
+        return await echo(request)
+
+    served = await serve(flaky)
+    reader, writer = await served.open()
+    writer.write(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, body = await read_answer(reader)
+    assert status == 500 and json.loads(body) == {"errcode": -1, "errmsg": "sidecar: internal error"}
+    writer.write(b"GET /fine HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await read_answer(reader))[0] == 200
+    writer.close()
+
+
+async def test_head_answers_carry_the_length_but_no_body(serve):
+    served = await serve()
+    reader, writer = await served.open()
+    writer.write(b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert b"Content-Length: " in head and b"Content-Length: 0" not in head
+    # the next bytes are the second answer, not a body
+    assert json.loads((await read_answer(reader))[2])["path"] == "/b"
+    writer.close()
+
+
+async def stream(request: Request, size: int, length: int | None, written: list[int]) -> Reply:
+    request.start(200, [TEXT], length)
+    piece = b"z" * 65536
+    for _ in range(size // len(piece)):
+        await request.write(piece)
+        written[0] += len(piece)
+    request.finish()
+    return Reply(200, sent=True)
+
+
+async def test_streamed_answers_are_chunked_for_1_1_and_close_delimited_for_1_0(serve):
+    served = await serve(lambda r: stream(r, 1 << 20, None, [0]))
+    reader, writer = await served.open()
+    writer.write(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = await read_answer(reader)
+    assert headers["transfer-encoding"] == "chunked" and len(body) == 1 << 20
+    writer.write(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")          # reusable afterwards
+    assert len((await read_answer(reader))[2]) == 1 << 20
+    reader, writer = await served.open()
+    writer.write(b"GET /s HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    status, headers, body = await read_answer(reader)
+    assert headers["connection"] == "close" and "transfer-encoding" not in headers and len(body) == 1 << 20
+
+
+async def test_streaming_waits_for_a_slow_client(serve):
+    written = [0]
+    served = await serve(lambda r: stream(r, 64 << 20, 64 << 20, written))
+    reader, writer = await served.open()
+    writer.write(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.sleep(0.5)                   # the client reads nothing meanwhile
+    held = written[0]
+    assert held < 16 << 20, held               # buffers, not 64 MiB, were written
+    got = 0
+    while got < 64 << 20:
+        chunk = await asyncio.wait_for(reader.read(1 << 20), 5)
+        assert chunk
+        got += len(chunk)
+    assert written[0] == 64 << 20
+    writer.close()
+
+
+async def test_shutdown_lets_calls_in_hand_finish_and_closes_idle_connections(serve):
+    served = await serve()
+    idle_reader, idle_writer = await served.open()
+    idle_writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_answer(idle_reader)
+    busy_reader, busy_writer = await served.open()
+    busy_writer.write(b"GET /slow?sleep=0.5 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.sleep(0.1)
+    stopping = asyncio.create_task(served.server.shutdown(5))
+    assert await closed_by_server(idle_reader, within=1)
+    with pytest.raises(OSError):
+        await served.open()                    # no longer accepting
+    status, headers, body = await read_answer(busy_reader)
+    assert status == 200 and headers["connection"] == "close"
+    await asyncio.wait_for(stopping, 2)
+
+
+async def test_shutdown_cuts_what_outlives_the_grace(serve):
+    served = await serve()
+    reader, writer = await served.open()
+    writer.write(b"GET /slow?sleep=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.sleep(0.1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await served.server.shutdown(0.3)
+    assert loop.time() - started < 1.5
+    assert await closed_by_server(reader, within=1)
