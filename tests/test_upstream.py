@@ -186,6 +186,22 @@ async def test_calls_beyond_the_pool_limit_queue_instead_of_failing(upstream):
     pool.close()
 
 
+async def test_a_call_cancelled_while_waiting_in_line_leaks_no_slot(upstream):
+    pool = UpstreamPool(f"http://127.0.0.1:{upstream}", 5, limit=1)
+    first = await pool.request("GET", "/big", [], b"")       # holds the only slot until read
+    waiting = asyncio.create_task(pool.request("GET", "/a", [], b""))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await body_of(first)                                      # gives the slot back
+    resp = await asyncio.wait_for(pool.request("GET", "/b", [], b""), 2)
+    assert resp.status == 200 and pool._free == 0
+    await body_of(resp)
+    assert pool._free == 1 and not pool._line
+    pool.close()
+
+
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
     if shutil.which("openssl") is None:
