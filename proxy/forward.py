@@ -401,7 +401,7 @@ class Forwarder:
     def _upstream_headers(request: Request) -> list[Header]:
         raw = request.raw_headers
         skip = HOP_BY_HOP_BYTES
-        for connection in request.headers_named(b"connection"):
+        for connection in request.connection:
             # headers the client named as hop-by-hop go too
             skip = skip | {h.strip().lower() for h in connection.split(b",") if h.strip()}
         return [(k, v) for k, v in raw if k.lower() not in skip]
@@ -431,7 +431,9 @@ class Forwarder:
             # Large answer: cannot be a token error; stream it untouched.
             return _Answer(resp, b"", False, None, "")
         # Small or unknown-length answer: buffer up to the limit and inspect.
-        data = await resp.read_up_to(SNIFF_LIMIT, timeout)
+        data = resp.whole_body(SNIFF_LIMIT)
+        if data is None:
+            data = await resp.read_up_to(SNIFF_LIMIT, timeout)
         complete = len(data) < SNIFF_LIMIT or resp.at_eof()
         errcode, errmsg = None, ""
         if complete and data:

@@ -33,6 +33,10 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_HEAD_COUNT = 256
 
 Header = tuple[bytes, bytes]
+_NONE: list[bytes] = []                # shared, never appended to
+
+# Method names as text, decoded once (others are decoded as they come).
+_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT")}
 
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -80,7 +84,7 @@ class Request:
     the body on demand; answers go back through `start`/`write`/`finish`."""
 
     __slots__ = ("method", "target", "path", "query", "version", "raw_headers", "head_bytes",
-                 "keep_alive", "body_exists", "_conn", "_parts", "_size", "complete", "_error",
+                 "keep_alive", "body_exists", "connection", "_conn", "_parts", "_size", "complete", "_error",
                  "_waiter", "_state", "_chunked")
 
     def __init__(self, conn: "_Connection", method: str, target: str, version: str,
@@ -96,6 +100,7 @@ class Request:
         self.head_bytes = head_bytes
         self.keep_alive = keep_alive
         self.body_exists = body_exists
+        self.connection: list[bytes] = _NONE    # the values of Connection headers
         self._parts: list[bytes] = []
         self._size = 0
         self.complete = not body_exists
@@ -110,9 +115,6 @@ class Request:
             if len(name) == len(lower_name) and name.lower() == lower_name:
                 return value.decode("latin-1")
         return None
-
-    def headers_named(self, lower_name: bytes) -> list[bytes]:
-        return [value for name, value in self.raw_headers if name.lower() == lower_name]
 
     # -- body
 
@@ -223,6 +225,7 @@ class _Connection(asyncio.Protocol):
         self._headers: list[Header] = []
         self._head_bytes = 0
         self._body_exists = False
+        self._connection: list[bytes] = []
 
     # -- asyncio.Protocol
 
@@ -280,6 +283,8 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._head_bytes = 0
         self._body_exists = False
+        if self._connection:
+            self._connection = []
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -294,18 +299,23 @@ class _Connection(asyncio.Protocol):
             raise _HeadTooLarge(f"request head over {MAX_HEAD_BYTES} bytes")
         if len(self._headers) > MAX_HEAD_COUNT:
             raise _HeadTooLarge(f"more than {MAX_HEAD_COUNT} request headers")
-        if len(name) in (14, 17):                  # only these two lengths matter here
+        if len(name) in (10, 14, 17):              # only these lengths matter here
             lower = name.lower()
             if lower == b"content-length":
                 self._body_exists = value.strip() not in (b"0", b"")
             elif lower == b"transfer-encoding":
                 self._body_exists = True
+            elif lower == b"connection":
+                self._connection.append(value)
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        req = Request(self, parser.get_method().decode("ascii", "replace"), self._url.decode("latin-1"),
+        method = parser.get_method()
+        req = Request(self, _METHODS.get(method) or method.decode("ascii", "replace"), self._url.decode("latin-1"),
                       parser.get_http_version(), self._headers, self._head_bytes,
                       parser.should_keep_alive(), self._body_exists)
+        if self._connection:
+            req.connection = self._connection
         self.parsing = req if req.body_exists else None
         if not self.keep_alive:
             return                      # closing: a request after the last one is not answered

@@ -100,11 +100,13 @@ class AccessLog:
         if self.fmt == "json":
             # A fixed template: only the free-text fields go through the
             # (C) JSON string escaper; app names and methods are validated.
+            quoted_path = _json_str(path)   # msg reuses it: methods are tokens, status a number
             line = (f'{{"ts": "{self._ts(now)}", "level": "info", "logger": "proxy.access", '
-                    f'"msg": {_json_str(f"{method} {path} -> {status}")}, "event": "call", '
-                    f'{_app_field(app)}"request_id": {_json_str(request_id)}, "method": "{method}", '
-                    f'"path": {_json_str(path)}, "status": {status}, '
-                    f'{"" if errcode is None else f"{_errcode_field(errcode)}"}'
+                    f'"msg": "{method} {quoted_path[1:-1]} -> {status}", "event": "call", '
+                    f'{"" if app is None else f""""app": "{app}", """}'
+                    f'"request_id": {_json_str(request_id)}, "method": "{method}", '
+                    f'"path": {quoted_path}, "status": {status}, '
+                    f'{"" if errcode is None else f""""errcode": {int(errcode)}, """}'
                     f'"replayed": {"true" if replayed else "false"}, "duration_s": {duration_s}}}')
         else:
             extras = f"app={app} request_id={request_id} method={method} path={path} status={status}"
@@ -140,10 +142,3 @@ _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 _json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
-
-def _app_field(app: str | None) -> str:
-    return "" if app is None else f'"app": "{app}", '
-
-
-def _errcode_field(errcode: int) -> str:
-    return f'"errcode": {int(errcode)}, '

@@ -134,6 +134,17 @@ class Response:
     def at_eof(self) -> bool:
         return self.complete and not self._chunks
 
+    def whole_body(self, limit: int) -> bytes | None:
+        """The body at once if it has all arrived and is under `limit` bytes
+        (a small answer usually has by the time its headers are seen)."""
+        if not self.complete or self._buffered >= limit:
+            return None
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        return data
+
     def release(self) -> None:
         """Give the connection back (reused only if the answer was read whole)."""
         if self._released:

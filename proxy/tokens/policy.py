@@ -7,6 +7,7 @@ does the talking; tests drive it with plain numbers for a clock.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -98,8 +99,9 @@ class Token:
     def remaining(self, now: float) -> float:
         return self.expires_at - now
 
-    @property
+    @functools.cached_property
     def usable_until(self) -> float:
+        """Computed once per token: every proxied call asks."""
         life = self.expires_at - self.fetched_at
         return self.expires_at - min(EXPIRY_MARGIN_S, life * EXPIRY_MARGIN_FRACTION)
 
