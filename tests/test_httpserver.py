@@ -9,6 +9,8 @@ import socket
 from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.httpserver import BodyError, HttpServer, Reply, Request
 
@@ -310,3 +312,48 @@ async def test_shutdown_cuts_what_outlives_the_grace(serve):
     await served.server.shutdown(0.3)
     assert loop.time() - started < 1.5
     assert await closed_by_server(reader, within=1)
+
+
+# ---------------------------------------------------------------- fragmentation
+
+PIPELINE = (b"GET /one?a=1 HTTP/1.1\r\nHost: x\r\nX-Long-Header-Name: " + b"v" * 300 + b"\r\n\r\n"
+            b"POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello world"
+            b"POST /three HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nabcde\r\n3\r\nfgh\r\n0\r\n\r\n"
+            b"GET /four HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+
+async def _send_in_pieces(cuts: list[int]) -> list[tuple[str, str]]:
+    server = HttpServer(echo, idle_timeout=5, body_timeout=5, max_body=1 << 20)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.setblocking(False)
+    await server.start(sock)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        edges = [0, *sorted(set(c % len(PIPELINE) for c in cuts)), len(PIPELINE)]
+        for start, end in zip(edges, edges[1:]):
+            if end > start:
+                writer.write(PIPELINE[start:end])
+                await writer.drain()
+                await asyncio.sleep(0.001)          # let the server see this piece alone
+        seen = []
+        for _ in range(4):
+            _, _, body = await read_answer(reader)
+            echo_ = json.loads(body)
+            seen.append((echo_["path"], echo_["body"]))
+        assert await closed_by_server(reader)
+        writer.close()
+        return seen
+    finally:
+        await server.shutdown(1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=10_000), max_size=12))
+def test_requests_cut_anywhere_are_read_the_same(cuts):
+    """However the bytes are split across reads (inside the request line, a
+    header, the body, a chunk size), the same four answers come back in order."""
+    seen = asyncio.run(_send_in_pieces(cuts))
+    assert seen == [("/one", ""), ("/two", "hello world"), ("/three", "abcdefgh"), ("/four", "")]
