@@ -333,7 +333,7 @@ async def _send_in_pieces(cuts: list[int]) -> list[tuple[str, str]]:
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         edges = [0, *sorted(set(c % len(PIPELINE) for c in cuts)), len(PIPELINE)]
-        for start, end in zip(edges, edges[1:]):
+        for start, end in zip(edges, edges[1:], strict=False):
             if end > start:
                 writer.write(PIPELINE[start:end])
                 await writer.drain()
