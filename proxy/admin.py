@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .config import is_loopback
 from .httpserver import json_error_body
+from .metrics import CONTENT_TYPE
 from .tokens import TokenUnavailable
 from .tokens.store import StoreUnavailable
 
@@ -17,9 +18,8 @@ if TYPE_CHECKING:
     from .server import Sidecar
 
 
-# The classic Prometheus text format, which every Prometheus version scrapes
-# and which generate_latest() writes.
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The classic Prometheus text format, which every Prometheus version scrapes.
+METRICS_CONTENT_TYPE = CONTENT_TYPE
 
 
 def admin_error(status: int, why: str) -> web.Response:

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from typing import TYPE_CHECKING, Iterable
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .tokens import TokenManager, TokenStore
@@ -27,30 +24,88 @@ CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 OUTCOMES = ("ok", "wechat_error", "token_rejected", "no_token", "upstream_unreachable",
             "upstream_timeout", "bad_request", "passthrough")
 
+# The Prometheus text format 0.0.4 is written here directly: a handful of
+# families need no client library (prometheus_client cost 1 MiB of RSS in
+# every pod; the tests still parse this output with it).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _value(v: float) -> str:
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
+
+
+def _escape(label_value: str) -> str:
+    return label_value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    if not names:
+        return ""
+    return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)) + "}"
+
+
+def _header(name: str, help_text: str, kind: str) -> str:
+    return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
+
+
+class _Child:
+    __slots__ = ("family", "key")
+
+    def __init__(self, family: "Family", key: tuple[str, ...]):
+        self.family, self.key = family, key
+
+    def inc(self, amount: float = 1.0) -> None:
+        values = self.family.values
+        values[self.key] = values.get(self.key, 0.0) + amount
+
+    def set(self, value: float) -> None:
+        self.family.values[self.key] = float(value)
+
+
+class Family:
+    """A counter or gauge with labels: `family.labels(*values).inc()` / `.set(v)`."""
+
+    def __init__(self, name: str, help_text: str, kind: str, labels: tuple[str, ...]):
+        self.name = name + "_total" if kind == "counter" else name
+        self.help, self.kind, self.label_names = help_text, kind, labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def labels(self, *values: str) -> _Child:
+        if len(values) != len(self.label_names):
+            raise ValueError(f"{self.name} takes labels {self.label_names}")
+        return _Child(self, tuple(str(v) for v in values))
+
+    def render(self) -> str:
+        lines = [_header(self.name, self.help, self.kind)]
+        for key, value in sorted(self.values.items()):
+            lines.append(f"{self.name}{_labels(self.label_names, key)} {_value(value)}\n")
+        return "".join(lines)
+
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
         # Per-call figures are kept in plain dicts (a dict increment per call,
-        # no lock) and turned into wts_calls_total and wts_call_duration_seconds
-        # at scrape time by _LiveCollector.
+        # no lock) and written as wts_calls_total and wts_call_duration_seconds
+        # at scrape time.
         self.call_counts: dict[tuple[str, str], int] = {}
         self.call_buckets: dict[str, list[int]] = {}   # per app: counts per bucket, then +Inf
         self.call_sums: dict[str, float] = {}
-        self.fetches = Counter("wts_token_fetches", "Token fetches from WeChat, by app, api and result "
-                               "(ok, credential, transient, quota, rate_limit)", ["app", "api", "result"], registry=r)
-        self.refreshes = Counter("wts_token_refreshes", "Token refreshes started, by reason "
-                                 "(startup, proactive, errcode, admin, demand, retry)", ["app", "reason"], registry=r)
-        self.replays = Counter("wts_replays", "Calls replayed after a token error, by errcode",
-                               ["app", "errcode"], registry=r)
-        self.rotated = Counter("wts_token_rotated_elsewhere", "Current tokens refused by WeChat before we "
-                               "replaced them: another system fetches tokens for this appid", ["app"], registry=r)
-        self.fetches_today = Gauge("wts_token_fetches_today", "Token fetches counted today by the store "
-                                   "(the whole cluster with store: redis), China time", ["app"], registry=r)
+        self.fetches = Family("wts_token_fetches", "Token fetches from WeChat, by app, api and result "
+                              "(ok, credential, transient, quota, rate_limit)", "counter", ("app", "api", "result"))
+        self.refreshes = Family("wts_token_refreshes", "Token refreshes started, by reason "
+                                "(startup, proactive, errcode, admin, demand, retry)", "counter", ("app", "reason"))
+        self.replays = Family("wts_replays", "Calls replayed after a token error, by errcode", "counter",
+                              ("app", "errcode"))
+        self.rotated = Family("wts_token_rotated_elsewhere", "Current tokens refused by WeChat before we "
+                              "replaced them: another system fetches tokens for this appid", "counter", ("app",))
+        self.fetches_today = Family("wts_token_fetches_today", "Token fetches counted today by the store "
+                                    "(the whole cluster with store: redis), China time", "gauge", ("app",))
         self._managers: dict[str, "TokenManager"] = {}
         self._store: "TokenStore | None" = None
-        r.register(_LiveCollector(self))
 
     def observe_call(self, app: str, outcome: str, seconds: float) -> None:
         key = (app, outcome)
@@ -75,44 +130,38 @@ class Metrics:
                     continue
                 if count is not None:
                     self.fetches_today.labels(name).set(count)
-        return generate_latest(self.registry)
+        return self.text().encode()
 
-
-class _LiveCollector:
-    """Values read at scrape time from the managers and the store."""
-
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterable[Metric]:
+    def text(self) -> str:
         now = time.monotonic()
-        expires = GaugeMetricFamily("wts_token_expires_in_seconds", "Seconds until the current token expires",
-                                    labels=["app"])
-        usable = GaugeMetricFamily("wts_token_usable", "1 when the app has a usable token", labels=["app"])
-        for name, manager in self.metrics._managers.items():
+        parts = [f.render() for f in (self.fetches, self.refreshes, self.replays, self.rotated,
+                                      self.fetches_today)]
+        expires = Family("wts_token_expires_in_seconds", "Seconds until the current token expires", "gauge",
+                         ("app",))
+        usable = Family("wts_token_usable", "1 when the app has a usable token", "gauge", ("app",))
+        for name, manager in self._managers.items():
             token = manager.state.token
-            expires.add_metric([name], max(0.0, token.expires_at - now) if token else 0.0)
-            usable.add_metric([name], 1.0 if manager.state.usable(now) else 0.0)
-        yield expires
-        yield usable
-        m = self.metrics
-        calls = CounterMetricFamily("wts_calls", "Calls forwarded, by app and outcome", labels=["app", "outcome"])
-        for (app, outcome), count in sorted(m.call_counts.items()):
-            calls.add_metric([app, outcome], float(count))
-        yield calls
-        seconds = HistogramMetricFamily("wts_call_duration_seconds",
-                                        "Time to answer a proxied call, replay included", labels=["app"])
-        for app, counts in sorted(m.call_buckets.items()):
-            cumulative, running = [], 0
-            for bound, count in zip((*map(str, CALL_BUCKETS), "+Inf"), counts, strict=True):
+            expires.labels(name).set(max(0.0, token.expires_at - now) if token else 0.0)
+            usable.labels(name).set(1.0 if manager.state.usable(now) else 0.0)
+        parts += (expires.render(), usable.render())
+        calls = Family("wts_calls", "Calls forwarded, by app and outcome", "counter", ("app", "outcome"))
+        for (app, outcome), count in self.call_counts.items():
+            calls.labels(app, outcome).set(count)
+        parts.append(calls.render())
+        parts.append(self._histogram())
+        errors = Family("wts_store_errors", "Errors talking to the shared token store", "counter", ())
+        errors.labels().set(getattr(self._store, "errors", 0))
+        parts.append(errors.render())
+        return "".join(parts)
+
+    def _histogram(self) -> str:
+        name = "wts_call_duration_seconds"
+        lines = [_header(name, "Time to answer a proxied call, replay included", "histogram")]
+        for app, counts in sorted(self.call_buckets.items()):
+            running = 0
+            for bound, count in zip((*CALL_BUCKETS, float("inf")), counts, strict=True):
                 running += count
-                cumulative.append((bound, float(running)))
-            seconds.add_metric([app], cumulative, m.call_sums[app])
-        yield seconds
-        store = self.metrics._store
-        errors = CounterMetricFamily("wts_store_errors", "Errors talking to the shared token store")
-        errors.add_metric([], float(getattr(store, "errors", 0)))
-        yield errors
+                lines.append(f'{name}_bucket{{app="{_escape(app)}",le="{_value(bound)}"}} {_value(running)}\n')
+            lines.append(f'{name}_count{{app="{_escape(app)}"}} {_value(running)}\n')
+            lines.append(f'{name}_sum{{app="{_escape(app)}"}} {_value(self.call_sums[app])}\n')
+        return "".join(lines)

@@ -6,6 +6,10 @@ import asyncio
 import json
 import re
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.metrics import Metrics
+
 from .conftest import APPID, SECRET, sidecar_yaml, wait_until
 
 
@@ -28,7 +32,26 @@ async def scrape(http, sc) -> str:
     async with http.get(f"{sc.admin}/metrics") as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        return await resp.text()
+        text = await resp.text()
+    # Every scrape must be what Prometheus itself can read (its client's parser).
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert families["wts_calls"] == "counter" and families["wts_token_usable"] == "gauge"
+    assert families["wts_call_duration_seconds"] == "histogram"
+    return text
+
+
+def test_label_values_are_escaped_so_the_text_stays_parseable():
+    metrics = Metrics()
+    odd = 'a"b\\c\nd'
+    metrics.replays.labels(odd, "40001").inc()
+    metrics.replays.labels(odd, "40001").inc()
+    metrics.observe_call(odd, "ok", 0.003)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(metrics.text()) for s in f.samples}
+    assert samples[("wts_replays_total", (("app", odd), ("errcode", "40001")))] == 2
+    assert samples[("wts_call_duration_seconds_bucket", (("app", odd), ("le", "0.0025")))] == 0
+    assert samples[("wts_call_duration_seconds_bucket", (("app", odd), ("le", "0.005")))] == 1
+    assert samples[("wts_call_duration_seconds_count", (("app", odd),))] == 1
 
 
 async def test_healthz_readyz_and_apps_over_http(sim, make_sidecar, http):
