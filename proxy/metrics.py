@@ -45,7 +45,9 @@ def _escape(label_value: str) -> str:
 def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
     if not names:
         return ""
-    return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)) + "}"
+    # Sorted by name, as prometheus_client writes them (scrapers do not care; text matchers do).
+    pairs = sorted(zip(names, values, strict=True))
+    return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in pairs) + "}"
 
 
 def _header(name: str, help_text: str, kind: str) -> str:
