@@ -14,7 +14,7 @@ from aiohttp import web
 
 from .admin import AdminRoutes, admin_error
 from .config import App, Config, ConfigError
-from .forward import Forwarder, sidecar_error
+from .forward import Forwarder
 from .httpserver import HttpServer, Reply, Request
 from .logs import AccessLog
 from .metrics import Metrics
@@ -175,12 +175,10 @@ def build_proxy_server(sidecar: Sidecar) -> HttpServer:
     cfg = sidecar.config
 
     async def handle(request: Request) -> Reply:
+        # The forwarder is looked up per call: a reload replaces it. An
+        # exception becomes a logged JSON 500 in httpserver.py.
         assert sidecar.forwarder is not None
-        try:
-            return await sidecar.forwarder.handle(request)
-        except Exception:
-            log.exception("unexpected error handling %s %s", request.method, request.path)
-            return sidecar_error(500, "internal error")
+        return await sidecar.forwarder.handle(request)
 
     # idle_timeout also closes a connection that never completes a request (slowloris).
     return HttpServer(handle, idle_timeout=cfg.client_timeout_s, body_timeout=cfg.client_timeout_s,
