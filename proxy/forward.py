@@ -259,6 +259,10 @@ class Forwarder:
 
     async def _handle(self, request: Request, app: App, path: str, outcome: dict[str, Any]) -> Reply:
         manager = self.managers[app.name]
+        if request.body_exists:
+            refused = self._continue(request)
+            if refused is not None:
+                return refused
         if path in LOCAL_TOKEN_PATHS:
             local = await self._answer_locally(request, app, manager, path)
             if local is not None:
@@ -266,9 +270,6 @@ class Forwarder:
 
         body = b""
         if request.body_exists:
-            refused = self._continue(request)
-            if refused is not None:
-                return refused
             try:
                 body = await request.read()
             except BodyError as exc:

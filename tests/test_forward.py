@@ -347,6 +347,23 @@ async def test_expect_100_continue_is_answered_and_not_forwarded(sim, make_sidec
     assert echo["body_len"] == 2048 and "Expect" not in echo["headers"]
 
 
+async def test_expect_100_continue_is_answered_for_the_local_token_endpoint_too(sim, make_sidecar):
+    sc = await make_sidecar()
+    body = json.dumps({"grant_type": "client_credential", "appid": "x", "secret": "y"}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
+    writer.write(b"POST /cgi-bin/stable_token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)
+    assert interim.startswith(b"HTTP/1.1 100")
+    writer.write(body)
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert json.loads(payload)["access_token"] == sc.sidecar.managers["mp"].current().value
+
+
 async def test_head_keeps_the_upstream_content_length_and_sends_no_body(sim, make_sidecar):
     sc = await make_sidecar()
     answer = await asyncio.wait_for(_raw_exchange(sc.proxy_port, b"HEAD /cgi-bin/media/get?media_id=H&size=12345 "
