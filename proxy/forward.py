@@ -455,15 +455,21 @@ class Forwarder:
                     data = zlib.decompressobj(47).decompress(data, SNIFF_LIMIT)
                 except zlib.error:
                     return None, ""
-        if b"errcode" not in data:
+        first = data.find(b'"errcode"')
+        if first < 0:
             return None, ""            # the common case for business answers
-        if not (resp.content_type.lower().startswith(JSON_TYPES_BYTES) or data.lstrip()[:1] == b"{"):
+        if not (resp.content_type.startswith(JSON_TYPES_BYTES) or data.lstrip()[:1] == b"{"):
             return None, ""
-        codes = _ERRCODE_RE.findall(data)
-        if codes and refresh_codes.isdisjoint(map(int, codes)):
-            # No token errcode anywhere: the first errcode is the answer's
-            # (WeChat writes it first); no need to parse the whole body.
-            return int(codes[0]), ""
+        # No token errcode anywhere: the first errcode is the answer's (WeChat
+        # writes it first); no need to parse the whole body.
+        if data.find(b'"errcode"', first + 9) < 0:     # the usual single errcode
+            match = _ERRCODE_RE.match(data, first)
+            if match is not None and int(match.group(1)) not in refresh_codes:
+                return int(match.group(1)), ""
+        else:
+            codes = _ERRCODE_RE.findall(data)
+            if codes and refresh_codes.isdisjoint(map(int, codes)):
+                return int(codes[0]), ""
         try:
             parsed = json.loads(data)
         except ValueError:

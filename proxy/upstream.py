@@ -25,6 +25,10 @@ LOW_WATER = 64 * 1024
 
 
 
+# What on_header does with a header (see UpstreamPool.header_kind).
+_RELAY, _DROP, _LENGTH, _TYPE, _ENCODING = "relay", "drop", "length", "type", "encoding"
+
+
 class UpstreamError(Exception):
     """The upstream could not be reached or broke off; message safe to show."""
 
@@ -43,7 +47,7 @@ class Response:
     the length, type and encoding, and `relay_headers` (all but the pool's
     `drop` set and Content-Length, which is written for the bytes sent)."""
 
-    __slots__ = ("_conn", "head_only", "status", "raw_headers", "relay_headers", "content_type",
+    __slots__ = ("_conn", "head_only", "status", "relay_headers", "content_type",
                  "content_encoding", "content_length", "keep_alive", "complete", "_chunks", "_buffered",
                  "_waiter", "_error", "headers_done", "_released")
 
@@ -51,9 +55,8 @@ class Response:
         self._conn = conn
         self.head_only = head_only
         self.status = 0
-        self.raw_headers: list[tuple[bytes, bytes]] = []
         self.relay_headers: list[tuple[bytes, bytes]] = []
-        self.content_type = b""
+        self.content_type = b""               # lower case
         self.content_encoding = b""           # lower case, stripped
         self.content_length: int | None = None
         self.keep_alive = False
@@ -205,19 +208,21 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response
         assert response is not None
-        response.raw_headers.append((name, value))
-        lower = name.lower()
-        if lower == b"content-length":
+        kind = self.pool.header_kinds.get(name)
+        if kind is None:
+            kind = self.pool.header_kind(name)
+        if kind is _RELAY:
+            response.relay_headers.append((name, value))
+        elif kind is _LENGTH:
             try:
                 response.content_length = int(value)
             except ValueError:
                 pass
-            return
-        if lower == b"content-type":
-            response.content_type = value
-        elif lower == b"content-encoding":
+        elif kind is _TYPE:
+            response.content_type = value.lower()
+            response.relay_headers.append((name, value))
+        elif kind is _ENCODING:
             response.content_encoding = value.strip().lower()
-        if lower not in self.pool.drop:
             response.relay_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -227,7 +232,6 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.
             self.interim = True
-            response.raw_headers.clear()
             response.relay_headers.clear()
             response.content_length = None
             response.content_type = response.content_encoding = b""
@@ -327,11 +331,27 @@ class UpstreamPool:
         self._line: collections.deque[asyncio.Future[None]] = collections.deque()
         self._max_idle = limit   # every connection in use may be reused
         self.drop = frozenset(drop)   # lower-case header names kept out of relay_headers
+        # What on_header does with a name, by the name's exact bytes: one
+        # dict lookup for the few spellings an upstream uses (bounded).
+        self.header_kinds: dict[bytes, str] = {}
+        self._host_line = b" HTTP/1.1\r\nHost: " + self.host_header + b"\r\n"
         self._connections: set[_Connection] = set()
         # One timer per pool checks deadlines, instead of one per call: a
         # timeout fires at most a quarter of itself late.
         self._tick = min(1.0, max(0.05, timeout_s / 4))
         self._sweep_timer: asyncio.TimerHandle | None = None
+
+    def header_kind(self, name: bytes) -> str:
+        lower = name.lower()
+        if lower == b"content-length":
+            kind = _LENGTH          # never relayed: written for the bytes actually sent
+        elif lower in self.drop:
+            kind = _DROP
+        else:
+            kind = {b"content-type": _TYPE, b"content-encoding": _ENCODING}.get(lower, _RELAY)
+        if len(self.header_kinds) < 256:
+            self.header_kinds[name] = kind
+        return kind
 
     def _sweeping(self) -> None:
         if self._sweep_timer is None:
@@ -365,8 +385,7 @@ class UpstreamPool:
         return conn
 
     def _build(self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> bytes:
-        head = [f"{method} {self.base_path}{target} HTTP/1.1\r\n".encode("latin-1"),
-                b"Host: ", self.host_header, b"\r\n"]
+        head = [f"{method} {self.base_path}{target}".encode("latin-1"), self._host_line]
         for name, value in headers:
             head += (name, b": ", value, b"\r\n")
         if body or method in ("POST", "PUT", "PATCH"):
