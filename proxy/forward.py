@@ -240,10 +240,10 @@ class Forwarder:
         routed = check_request(request) or self.route(request)
         if isinstance(routed, Reply):
             response = routed
-            app_name = None
+            app_name = appid = None
         else:
             app, path = routed
-            app_name = app.name
+            app_name, appid = app.name, app.appid
             response = await self._handle(request, app, path, outcome)
         duration = time.monotonic() - started
         label = response.outcome or outcome.get("kind") or (
@@ -253,7 +253,7 @@ class Forwarder:
             if outcome["replayed"]:
                 self.metrics.replays.labels(app_name, str(outcome["first_errcode"])).inc()
         if self.access.enabled:
-            self.access.call(app_name, request_id, request.method, request.path, response.status,
+            self.access.call(app_name, appid, request_id, request.method, request.path, response.status,
                              outcome["errcode"], outcome["replayed"], round(duration, 4))
         return response
 

@@ -92,8 +92,11 @@ class AccessLog:
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return self._stamp + _MILLIS[int((now - second) * 1000)]
 
-    def call(self, app: str | None, request_id: str, method: str, path: str, status: int,
+    def call(self, app: str | None, appid: str | None, request_id: str, method: str, path: str, status: int,
              errcode: int | None, replayed: bool, duration_s: float) -> None:
+        """One line per call with the fields of the deployment checklist:
+        ts, level, msg, appid, request_id, method, path (never the query),
+        status, errcode, duration_s, replayed; null where there is none."""
         now = time.time()
         if "=" in path:
             path = redact(path)
@@ -104,12 +107,14 @@ class AccessLog:
             line = (f'{{"ts": "{self._ts(now)}", "level": "info", "logger": "proxy.access", '
                     f'"msg": "{method} {quoted_path[1:-1]} -> {status}", "event": "call", '
                     f'{"" if app is None else f""""app": "{app}", """}'
+                    f'"appid": {"null" if appid is None else _json_str(appid)}, '
                     f'"request_id": {_json_str(request_id)}, "method": "{method}", '
                     f'"path": {quoted_path}, "status": {status}, '
-                    f'{"" if errcode is None else f""""errcode": {int(errcode)}, """}'
+                    f'"errcode": {"null" if errcode is None else int(errcode)}, '
                     f'"replayed": {"true" if replayed else "false"}, "duration_s": {duration_s}}}')
         else:
-            extras = f"app={app} request_id={request_id} method={method} path={path} status={status}"
+            extras = (f"app={app} appid={appid} request_id={request_id} method={method} path={path} "
+                      f"status={status}")
             if errcode is not None:
                 extras += f" errcode={errcode}"
             line = (f"{time.strftime('%H:%M:%S', time.localtime(now))} INFO    {method} {path} -> {status} "

@@ -46,8 +46,16 @@ async def test_no_token_or_secret_in_any_log_line_at_debug_level(sim, spawn, htt
     out = proc.output()
     lines = out.splitlines()
     assert len(lines) >= 6
-    for line in lines:
-        json.loads(line)                                   # one JSON object per line
+    records = [json.loads(line) for line in lines]        # one JSON object per line
+    calls = [r for r in records if r.get("event") == "call"]
+    assert len(calls) == 5
+    checklist = {"ts", "level", "msg", "appid", "request_id", "method", "path",
+                 "status", "errcode", "duration_s", "replayed"}     # k8s-sidecar-checklist.md, Logs
+    for call in calls:
+        assert checklist <= call.keys(), checklist - call.keys()
+        assert "?" not in call["path"] and "?" not in call["msg"]
+    assert [c["appid"] for c in calls] == [APPID] * 4 + ["wx00000000000000b2"]
+    assert calls[0]["errcode"] == 0 and calls[-1]["errcode"] is None and calls[-1]["status"] == 503
     assert "token fetched" in out and "token rejected" in out and "40125" in out
     for secret in [SECRET, "WRONG-SECRET-zzzzzzzz", *sim.issued_tokens()]:
         assert secret not in out
