@@ -42,6 +42,9 @@ DEFAULT_SHUTDOWN_GRACE_S = 5.0
 # A client connection that has not sent a whole request (headers, or its
 # body) within this many seconds is closed: slow clients cannot pin sockets.
 DEFAULT_CLIENT_TIMEOUT_S = 15.0
+# How often the config file and secret files are checked for changes
+# (a Kubernetes ConfigMap or Secret update); 0 turns it off.
+DEFAULT_RELOAD_POLL_S = 5.0
 
 WECOM_REFRESH_ERRCODES = frozenset({40014, 42001})
 
@@ -134,6 +137,7 @@ class App:
     min_refresh_interval_s: float
     inject_secret: bool = False
     refresh_errcodes: frozenset[int] | None = None   # None: the account kind's default
+    secret_file: str | None = None                    # where the secret was read, if from a file
 
     @property
     def store_key(self) -> str:
@@ -159,6 +163,11 @@ class Config:
     log: Log = Log()
     client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S
     no_token_paths: tuple[str, ...] = ()
+    reload_poll_s: float = DEFAULT_RELOAD_POLL_S
+
+    def watched_files(self) -> tuple[str, ...]:
+        """The files this config was made from: itself and the secret files."""
+        return (self.source, *(app.secret_file for app in self.apps if app.secret_file))
 
     def refresh_errcodes_for(self, app: App) -> frozenset[int]:
         """Errcodes that mean "this token is bad" for one app. WeCom differs:
@@ -410,6 +419,7 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
     max_body_bytes = top.get("max_body_bytes", _number(file, int, 1024, 1024**3), DEFAULT_MAX_BODY_BYTES)
     client_timeout_s = top.get("client_timeout_s", _number(file, float, 0.1, 3600), DEFAULT_CLIENT_TIMEOUT_S)
     shutdown_grace_s = top.get("shutdown_grace_s", _number(file, float, 0, 300), DEFAULT_SHUTDOWN_GRACE_S)
+    reload_poll_s = top.get("reload_poll_s", _number(file, float, 0, 3600), DEFAULT_RELOAD_POLL_S)
     log_s = top.section("log")
     log = Log(level=log_s.get("level", _choice(file, ("debug", "info", "warning", "error")), "info"),
               format=log_s.get("format", _choice(file, ("json", "text")), "json"),
@@ -444,7 +454,7 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
         source=file, listen=listen, admin=admin, upstream=upstream, store=store,
         refresh_errcodes=refresh_errcodes, pass_token_errors=pass_token_errors,
         max_body_bytes=max_body_bytes, apps=tuple(apps), shutdown_grace_s=shutdown_grace_s, log=log,
-        client_timeout_s=client_timeout_s, no_token_paths=no_token_paths,
+        client_timeout_s=client_timeout_s, no_token_paths=no_token_paths, reload_poll_s=reload_poll_s,
     )
 
 
@@ -462,6 +472,7 @@ def _parse_app(sec: _Section, file: str, global_upstream: str) -> App:
     has_secret, has_file = "secret" in sec.data, "secret_file" in sec.data
     if has_secret == has_file:
         raise ConfigError(file, sec.path("secret"), "give exactly one of secret or secret_file")
+    secret_path: str | None = None
     if has_secret:
         secret = sec.get("secret", _str(file))
     else:
@@ -487,6 +498,7 @@ def _parse_app(sec: _Section, file: str, global_upstream: str) -> App:
         name=name, appid=appid, secret=secret, token_api=token_api,
         refresh_before_s=refresh_before_s, upstream=upstream,
         min_refresh_interval_s=min_interval, inject_secret=inject_secret, refresh_errcodes=codes,
+        secret_file=secret_path,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from dataclasses import replace
@@ -255,8 +256,43 @@ async def start_sidecar(config: Config) -> Running:
     return Running(sidecar, proxy, admin)
 
 
+FileStamp = tuple[int, int, int] | None
+
+
+def file_stamps(paths: tuple[str, ...]) -> dict[str, FileStamp]:
+    """What identifies each file's content without reading it. stat() follows
+    symlinks, so a Kubernetes ConfigMap or Secret update (an atomic swap of
+    the `..data` link) shows as a new inode."""
+    stamps: dict[str, FileStamp] = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamps[path] = None
+        else:
+            stamps[path] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return stamps
+
+
+async def watch_files(files: Callable[[], tuple[str, ...]], on_change: Callable[[str], None],
+                      interval: float) -> None:
+    """Call `on_change(path)` when one of `files()` changes; checks every `interval` s."""
+    seen = file_stamps(files())
+    while True:
+        await asyncio.sleep(interval)
+        now = file_stamps(files())
+        changed = [path for path in now if now[path] != seen.get(path)]
+        if changed:
+            # Remember this state whatever the reload makes of it: a broken
+            # file is reported once, not every interval.
+            seen = now
+            on_change(changed[0])
+            seen = file_stamps(files())       # the reload may have named other files
+
+
 async def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
-    """Run until SIGTERM or SIGINT (exit 0); SIGHUP reloads the config."""
+    """Run until SIGTERM or SIGINT (exit 0); SIGHUP, or a change to the config
+    file or a secret file (checked every `reload_poll_s`), reloads the config."""
     try:
         running = await start_sidecar(config)
     except OSError as exc:
@@ -271,9 +307,10 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    def on_hup() -> None:
+    def reload(why: str) -> None:
         if reload_config is None:
             return
+        log.info("reloading the config (%s)", why, extra={"event": "reload"})
         try:
             new = reload_config()
         except ConfigError as exc:
@@ -281,8 +318,15 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
             return
         running.sidecar.reload(new)
 
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGHUP, reload, "SIGHUP")
+    watcher = None
+    if reload_config is not None and config.reload_poll_s > 0:
+        watcher = asyncio.create_task(watch_files(
+            lambda: running.sidecar.config.watched_files(),
+            lambda path: reload(f"{path} changed"), config.reload_poll_s))
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     log.info("stopping: no new connections; in-flight calls get up to %.0f s",
              running.sidecar.config.shutdown_grace_s, extra={"event": "stopping"})
     await running.stop()

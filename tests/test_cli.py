@@ -18,7 +18,7 @@ import pytest
 
 from proxy.simulator import media_bytes
 
-from .conftest import APPID, ROOT, SECRET, free_port, sidecar_yaml
+from .conftest import APPID, ROOT, SECRET, free_port, sidecar_yaml, wait_until
 
 MIB = 1024 * 1024
 
@@ -249,6 +249,39 @@ async def test_sighup_applies_a_new_secret_and_refuses_a_broken_config(sim, spaw
     out = proc.output()
     assert "config reload refused" in out and "apps[0].secret" in out
     assert "not-the-secret" not in out and SECRET not in out
+
+
+def replace_atomically(path, text: str) -> None:
+    """As the kubelet updates a mounted Secret or ConfigMap: a new file swapped in."""
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_text(text)
+    os.replace(fresh, path)
+
+
+async def test_a_changed_secret_file_or_config_file_is_reloaded_without_a_signal(sim, spawn, http, tmp_path):
+    port, admin = free_port(), free_port()
+    base, admin_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+    secret_file = tmp_path / "appsecret"
+    secret_file.write_text("not-the-secret\n")
+    text = sidecar_yaml(sim.url, listen_port=port, admin_port=admin, top="reload_poll_s: 0.2",
+                        secret="PLACEHOLDER").replace('secret: "PLACEHOLDER"', f"secret_file: {secret_file}")
+    proc = spawn(text)
+    await wait_until(lambda: '"errcode": 40125' in proc.output(), timeout=10)   # wrong secret
+    async with http.get(f"{admin_url}/readyz") as resp:
+        assert resp.status == 503
+    replace_atomically(secret_file, SECRET + "\n")   # the Secret is updated: no SIGHUP
+    await proc.wait_ready(admin_url, timeout=5)
+    async with http.get(f"{base}/cgi-bin/user/info") as resp:
+        assert resp.status == 200
+
+    replace_atomically(proc.config_path, "apps: [{name: mp, appid: x}]\n")   # a broken ConfigMap
+    await asyncio.sleep(1.0)                          # five polls
+    async with http.get(f"{base}/cgi-bin/user/info") as resp:
+        assert resp.status == 200                     # the running config stays
+    out = proc.output()
+    assert f"{secret_file} changed" in out and f"{proc.config_path} changed" in out
+    assert out.count("config reload refused") == 1    # reported once, not at every poll
+    assert SECRET not in out and "not-the-secret" not in out
 
 
 async def test_log_access_false_drops_call_lines_but_keeps_token_events(sim, spawn, http):
