@@ -389,3 +389,21 @@ async def test_several_rotations_in_a_row_all_recover_with_the_default_budget(si
         async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
             assert resp.status == 200, n
     assert sim.fetch_count() == 1 + 5
+
+
+async def test_a_client_that_leaves_mid_download_frees_its_upstream_slot(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    size = 20 * 1024 * 1024
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
+        writer.write(f"GET /cgi-bin/media/get?media_id=GONE&size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        got = 0
+        while got < 1024 * 1024:                  # take 1 MiB, then hang up
+            got += len(await asyncio.wait_for(reader.read(65536), 5))
+        writer.close()
+    pool = next(iter(sc.sidecar.pools.values()))
+    # The sidecar notices on its next write, drops the upstream connection
+    # and gives the slot back: no call is left holding one.
+    await wait_until(lambda: pool._free == 100, timeout=5)
+    async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
+        assert resp.status == 200
