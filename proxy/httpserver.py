@@ -372,14 +372,14 @@ class _Connection(asyncio.Protocol):
 
     def keep(self, req: Request) -> bool:
         """Whether the connection stays open after `req`'s answer."""
-        if not (req.keep_alive and self.keep_alive and not self.server.closing):
-            return False
         if not req.complete:
             # The body is still coming (or never will): answer, then close;
-            # read on a little so the client sees the answer, not a reset.
-            self._linger = True
+            # read on a little so the client sees the answer, not a reset
+            # (unless the parser has failed, when there is nothing to drain).
+            if self.keep_alive:
+                self._linger = True
             return False
-        return True
+        return req.keep_alive and self.keep_alive and not self.server.closing
 
     def head(self, req: Request, status: int, headers: Iterable[Header], length: int | None,
              keep: bool, chunked: bool, body: bytes = b"") -> bytes:

@@ -155,11 +155,12 @@ async def test_chunked_request_bodies_are_decoded(serve):
     writer.close()
 
 
-async def test_a_body_over_the_limit_gets_413_which_the_client_actually_reads(serve):
+@pytest.mark.parametrize("connection", [b"", b"Connection: close\r\n"])
+async def test_a_body_over_the_limit_gets_413_which_the_client_actually_reads(serve, connection):
     served = await serve(max_body=1000)
     reader, writer = await served.open()
     body = b"x" * 2_000_000                           # far more than the socket buffers
-    writer.write(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+    writer.write(b"POST /big HTTP/1.1\r\nHost: x\r\n%bContent-Length: %d\r\n\r\n" % (connection, len(body)))
     writer.write(body)
     status, headers, answer = await read_answer(reader)
     assert status == 413 and b"over 1000 bytes" in answer and headers["connection"] == "close"
