@@ -246,7 +246,7 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             refused = exc.__context__
             if isinstance(refused, _HeadTooLarge):
-                self._refuse(431, str(refused))
+                self._refuse(refused.status, str(refused))
             else:
                 log.error("request parser callback failed: %r", refused)
                 self._refuse(400, "malformed request")
@@ -290,7 +290,7 @@ class _Connection(asyncio.Protocol):
         self._url += url
         self._head_bytes += len(url)
         if self._head_bytes > MAX_HEAD_BYTES:
-            raise _HeadTooLarge(f"request head over {MAX_HEAD_BYTES} bytes")
+            raise _HeadTooLarge(f"URL over {MAX_HEAD_BYTES} bytes", status=414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
@@ -487,7 +487,9 @@ class _Connection(asyncio.Protocol):
 
 
 class _HeadTooLarge(Exception):
-    pass
+    def __init__(self, why: str, status: int = 431):
+        super().__init__(why)
+        self.status = status
 
 
 class HttpServer:

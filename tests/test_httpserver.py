@@ -207,6 +207,15 @@ async def test_malformed_requests_get_json_400_and_a_closed_connection(serve):
         assert await closed_by_server(reader)
 
 
+async def test_a_url_over_the_hard_limit_is_414(serve):
+    served = await serve()
+    reader, writer = await served.open()
+    writer.write(b"GET /a?q=" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, body = await read_answer(reader)
+    assert status == 414 and "URL over 65536 bytes" in json.loads(body)["errmsg"]
+    assert await closed_by_server(reader)
+
+
 async def test_a_request_head_over_the_hard_limit_is_431(serve):
     served = await serve()
     for head in (b"X-Big: " + b"v" * 70000 + b"\r\n", b"".join(b"X-%d: v\r\n" % i for i in range(300))):
