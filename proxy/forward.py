@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from .config import App, Config
-from .httpserver import BodyError, Header, Reply, Request, http_date, json_error_body
+from .httpserver import JSON_HEADER, BodyError, Header, Reply, Request, http_date, json_error_body
 from .logs import AccessLog
 from .metrics import Metrics
 from .tokens import Token, TokenManager, TokenUnavailable
@@ -78,9 +78,6 @@ HOP_BY_HOP_BYTES = frozenset(h.lower().encode() for h in HOP_BY_HOP)
 UPSTREAM_POOL_LIMIT = 100
 
 SIDECAR_ERRCODE_HEADER = "X-Sidecar-Upstream-Errcode"
-
-
-JSON_HEADER: Header = (b"Content-Type", b"application/json; charset=utf-8")
 
 
 def sidecar_error(status: int, why: str, headers: dict[str, str] | None = None,
@@ -235,7 +232,6 @@ class Forwarder:
 
     async def handle(self, request: Request) -> Reply:
         started = time.monotonic()
-        request_id = (request.header(b"x-request-id") or "")[:64] or self._next_request_id()
         outcome: dict[str, Any] = {"replayed": False, "errcode": None}
         routed = check_request(request) or self.route(request)
         if isinstance(routed, Reply):
@@ -253,6 +249,8 @@ class Forwarder:
             if outcome["replayed"]:
                 self.metrics.replays.labels(app_name, str(outcome["first_errcode"])).inc()
         if self.access.enabled:
+            # The request id only ever appears in the access line.
+            request_id = (request.header(b"x-request-id") or "")[:64] or self._next_request_id()
             self.access.call(app_name, appid, request_id, request.method, request.path, response.status,
                              outcome["errcode"], outcome["replayed"], round(duration, 4))
         return response
@@ -491,7 +489,7 @@ class Forwarder:
             resp.release()
             request.start(resp.status, headers, resp.content_length)
             request.finish()
-            return Reply(resp.status, sent=True)
+            return Reply(resp.status)
         if answer.complete:
             # Small answer: already in hand; sent whole, in one write.
             resp.release()
@@ -514,7 +512,7 @@ class Forwarder:
             request.abort()   # the app went away; nothing to tell it
         finally:
             resp.release()
-        return Reply(resp.status, sent=True)
+        return Reply(resp.status)
 
 
 class _UpstreamFailed(Exception):

@@ -33,6 +33,7 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_HEAD_COUNT = 256
 
 Header = tuple[bytes, bytes]
+JSON_HEADER: Header = (b"Content-Type", b"application/json; charset=utf-8")
 _NONE: list[bytes] = []                # shared, never appended to
 
 # Method names as text, decoded once (others are decoded as they come).
@@ -65,18 +66,18 @@ class BodyError(Exception):
 
 
 class Reply:
-    """A complete answer for the connection to write, or (`sent`) a note that
-    the handler streamed one itself; `outcome` labels sidecar-made answers."""
+    """A complete answer for the connection to write; `outcome` labels
+    sidecar-made answers. A handler that streamed its answer itself (through
+    `Request.start`) returns just the status it sent: the connection sees it
+    started and writes nothing more."""
 
-    __slots__ = ("status", "headers", "body", "outcome", "sent")
+    __slots__ = ("status", "headers", "body", "outcome")
 
-    def __init__(self, status: int, headers: Iterable[Header] = (), body: bytes = b"",
-                 outcome: str = "", sent: bool = False):
+    def __init__(self, status: int, headers: Iterable[Header] = (), body: bytes = b"", outcome: str = ""):
         self.status = status
         self.headers = headers
         self.body = body
         self.outcome = outcome
-        self.sent = sent
 
 
 class Request:
@@ -357,8 +358,7 @@ class _Connection(asyncio.Protocol):
                 reply = await self.server.handler(req)
             except Exception:
                 log.exception("unexpected error handling %s %s", req.method, req.path)
-                reply = Reply(500, [(b"Content-Type", b"application/json; charset=utf-8")],
-                              json_error_body("internal error"), "bad_request")
+                reply = Reply(500, [JSON_HEADER], json_error_body("internal error"), "bad_request")
             if req._state == 0:
                 self.write(self.head(req, reply.status, reply.headers, len(reply.body),
                                      self.keep(req), False, reply.body))
@@ -444,7 +444,7 @@ class _Connection(asyncio.Protocol):
             self.parsing._fail(BodyError(400, "malformed request body"))
         if self.current is None and not self.pipeline:
             body = json_error_body(why)
-            self.write(b"".join((status_line(status), b"Content-Type: application/json; charset=utf-8\r\n",
+            self.write(b"".join((status_line(status), JSON_HEADER[0], b": ", JSON_HEADER[1], b"\r\n",
                                  b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body), body)))
             self.close()
 

@@ -261,7 +261,7 @@ async def stream(request: Request, size: int, length: int | None, written: list[
         await request.write(piece)
         written[0] += len(piece)
     request.finish()
-    return Reply(200, sent=True)
+    return Reply(200)                          # streamed: the status it sent
 
 
 async def test_streamed_answers_are_chunked_for_1_1_and_close_delimited_for_1_0(serve):
