@@ -13,7 +13,6 @@ import re
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -174,14 +173,22 @@ def with_token(raw_query: str, token: str) -> str:
     return f"{rest}&{param}" if rest else param
 
 
-@dataclass
 class _Answer:
     """An upstream answer with its first bytes read; `complete` when that is all."""
-    resp: Response
-    head: bytes
-    complete: bool
-    errcode: int | None
-    errmsg: str
+
+    __slots__ = ("resp", "head", "complete", "errcode", "errmsg")
+
+    def __init__(self, resp: Response, head: bytes, complete: bool, errcode: int | None, errmsg: str):
+        self.resp = resp
+        self.head = head
+        self.complete = complete
+        self.errcode = errcode
+        self.errmsg = errmsg
+
+
+# What a call came to: the answer, the errcode it carried (None when none),
+# and the token errcode that made the sidecar replay it (None when not replayed).
+_Result = tuple[Reply, "int | None", "int | None"]
 
 
 class Forwarder:
@@ -232,46 +239,43 @@ class Forwarder:
 
     async def handle(self, request: Request) -> Reply:
         started = time.monotonic()
-        outcome: dict[str, Any] = {"replayed": False, "errcode": None}
         routed = check_request(request) or self.route(request)
         if isinstance(routed, Reply):
-            response = routed
+            response, errcode, replayed_from = routed, None, None
             app_name = appid = None
         else:
             app, path = routed
             app_name, appid = app.name, app.appid
-            response = await self._handle(request, app, path, outcome)
+            response, errcode, replayed_from = await self._handle(request, app, path)
         duration = time.monotonic() - started
-        label = response.outcome or outcome.get("kind") or (
-            "wechat_error" if outcome["errcode"] not in (None, 0) else "ok")
         if app_name is not None:
-            self.metrics.observe_call(app_name, label, duration)
-            if outcome["replayed"]:
-                self.metrics.replays.labels(app_name, str(outcome["first_errcode"])).inc()
+            self.metrics.observe_call(app_name, response.outcome or ("wechat_error" if errcode else "ok"), duration)
+            if replayed_from is not None:
+                self.metrics.replays.labels(app_name, str(replayed_from)).inc()
         if self.access.enabled:
             # The request id only ever appears in the access line.
             request_id = (request.header(b"x-request-id") or "")[:64] or self._next_request_id()
             self.access.call(app_name, appid, request_id, request.method, request.path, response.status,
-                             outcome["errcode"], outcome["replayed"], round(duration, 4))
+                             errcode, replayed_from is not None, duration)
         return response
 
-    async def _handle(self, request: Request, app: App, path: str, outcome: dict[str, Any]) -> Reply:
+    async def _handle(self, request: Request, app: App, path: str) -> _Result:
         manager = self.managers[app.name]
         if request.body_exists:
             refused = self._continue(request)
             if refused is not None:
-                return refused
+                return refused, None, None
         if path in LOCAL_TOKEN_PATHS:
             local = await self._answer_locally(request, app, manager, path)
             if local is not None:
-                return local
+                return local, None, None
 
         body = b""
         if request.body_exists:
             try:
                 body = await request.read()
             except BodyError as exc:
-                return sidecar_error(exc.status, exc.why, outcome="bad_request")
+                return sidecar_error(exc.status, exc.why, outcome="bad_request"), None, None
         headers = self._upstream_headers(request)
         raw_query = request.query
 
@@ -281,62 +285,64 @@ class Forwarder:
 
         if path.startswith(self.no_token_prefixes):
             # Pass-through: the call carries its own credentials (§5).
-            outcome["kind"] = "passthrough"
             target = f"{path}?{raw_query}" if raw_query else path
-            return await self._exchange(request, target, headers, body, outcome, token=None,
-                                        manager=None, app=app, path=path)
+            result = await self._exchange(request, target, headers, body, token=None, manager=None,
+                                          app=app, path=path)
+            if not result[0].outcome:
+                result[0].outcome = "passthrough"
+            return result
 
         try:
             token = manager.current() or await manager.get()
         except TokenUnavailable as exc:
-            return sidecar_error(503, str(exc))
+            return sidecar_error(503, str(exc)), None, None
         target = f"{path}?{with_token(raw_query, token.value)}"
-        return await self._exchange(request, target, headers, body, outcome, token=token,
-                                    manager=manager, app=app, path=path, raw_query=raw_query)
+        return await self._exchange(request, target, headers, body, token=token, manager=manager,
+                                    app=app, path=path, raw_query=raw_query)
 
-    async def _exchange(self, request: Request, target: str, headers: list[Header],
-                        body: bytes, outcome: dict[str, Any], *, token: Token | None,
-                        manager: TokenManager | None, app: App, path: str,
-                        raw_query: str = "") -> Reply:
+    async def _exchange(self, request: Request, target: str, headers: list[Header], body: bytes, *,
+                        token: Token | None, manager: TokenManager | None, app: App, path: str,
+                        raw_query: str = "") -> _Result:
         pool = self._pool(app)
         refresh_codes = self.refresh_codes[app.name]
+        method = request.method
         try:
-            answer = await self._send(pool, request.method, target, headers, body, refresh_codes)
+            answer = await self._send(pool, method, target, headers, body, refresh_codes)
         except _UpstreamFailed as exc:
-            return exc.response
+            return exc.response, None, None
 
-        if token is None or manager is None or answer.errcode not in refresh_codes:
-            outcome["errcode"] = answer.errcode
-            return await self._relay(request, answer)
-
-        # Token error: invalidate exactly the token we used, replay once.
-        first_code = answer.errcode
-        outcome["first_errcode"] = first_code
-        answer.resp.release()
-        try:
-            fresh = await manager.invalidate(token.value)
-        except TokenUnavailable as exc:
-            outcome["errcode"] = first_code
-            return sidecar_error(503, f"token rejected ({first_code}) and no fresh token: {exc}",
-                                 {SIDECAR_ERRCODE_HEADER: str(first_code)})
-        outcome["replayed"] = True
-        target = f"{path}?{with_token(raw_query, fresh.value)}"
-        try:
-            answer = await self._send(pool, request.method, target, headers, body, refresh_codes)
-        except _UpstreamFailed as exc:
-            return exc.response
-        outcome["errcode"] = answer.errcode
-        if answer.errcode not in refresh_codes:
-            return await self._relay(request, answer)
-
-        # A second token failure. Never hand 40001/42001/40014 back by default:
-        # SDKs would fetch a token themselves and rotate everyone's (DESIGN.md).
-        manager.reject(fresh.value)
-        if self.config.pass_token_errors:
-            return await self._relay(request, answer)
-        answer.resp.release()
-        return sidecar_error(503, f"token rejected after refresh ({answer.errcode}: {answer.errmsg})",
-                             {SIDECAR_ERRCODE_HEADER: str(answer.errcode)}, outcome="token_rejected")
+        replayed_from = None
+        if token is not None and manager is not None and answer.errcode in refresh_codes:
+            # Token error: invalidate exactly the token we used, replay once.
+            first_code = answer.errcode
+            answer.resp.release()
+            try:
+                fresh = await manager.invalidate(token.value)
+            except TokenUnavailable as exc:
+                return sidecar_error(503, f"token rejected ({first_code}) and no fresh token: {exc}",
+                                     {SIDECAR_ERRCODE_HEADER: str(first_code)}), first_code, None
+            replayed_from = first_code
+            target = f"{path}?{with_token(raw_query, fresh.value)}"
+            try:
+                answer = await self._send(pool, method, target, headers, body, refresh_codes)
+            except _UpstreamFailed as exc:
+                return exc.response, None, replayed_from
+            if answer.errcode in refresh_codes:
+                # A second token failure. Never hand 40001/42001/40014 back by
+                # default: SDKs would fetch a token themselves and rotate
+                # everyone's (DESIGN.md).
+                manager.reject(fresh.value)
+                if not self.config.pass_token_errors:
+                    answer.resp.release()
+                    return sidecar_error(503, f"token rejected after refresh ({answer.errcode}: {answer.errmsg})",
+                                         {SIDECAR_ERRCODE_HEADER: str(answer.errcode)},
+                                         outcome="token_rejected"), answer.errcode, replayed_from
+        resp = answer.resp
+        if answer.complete and method != "HEAD":
+            # Small answer: already in hand; sent whole, in one write.
+            resp.release()
+            return Reply(resp.status, resp.relay_headers, answer.head), answer.errcode, replayed_from
+        return await self._relay(request, answer), answer.errcode, replayed_from
 
     @staticmethod
     def _continue(request: Request) -> Reply | None:
@@ -408,6 +414,8 @@ class Forwarder:
     async def _send(self, pool: UpstreamPool, method: str, target: str,
                     headers: list[Header], body: bytes,
                     refresh_codes: frozenset[int]) -> _Answer:
+        """Send, and read the answer's first bytes: a small answer whole, and
+        its errcode; a large one (it cannot be a token error) is left to stream."""
         timeout = self.config.upstream.timeout_s
         try:
             resp = await pool.request(method, target, headers, body)
@@ -415,24 +423,20 @@ class Forwarder:
             raise _UpstreamFailed(sidecar_error(504, f"upstream timed out after {timeout:g} s")) from None
         except UpstreamError as exc:
             raise _UpstreamFailed(sidecar_error(502, str(exc))) from None
-        try:
-            return await self._inspect(resp, timeout, refresh_codes)
-        except UpstreamTimeout:
-            resp.release()
-            raise _UpstreamFailed(sidecar_error(504, f"upstream timed out after {timeout:g} s")) from None
-        except UpstreamError as exc:
-            resp.release()
-            raise _UpstreamFailed(sidecar_error(502, str(exc))) from None
-
-    async def _inspect(self, resp: Response, timeout: float, refresh_codes: frozenset[int]) -> _Answer:
         length = resp.content_length
         if length is not None and length > SNIFF_LIMIT:
-            # Large answer: cannot be a token error; stream it untouched.
             return _Answer(resp, b"", False, None, "")
         # Small or unknown-length answer: buffer up to the limit and inspect.
         data = resp.whole_body(SNIFF_LIMIT)
         if data is None:
-            data = await resp.read_up_to(SNIFF_LIMIT, timeout)
+            try:
+                data = await resp.read_up_to(SNIFF_LIMIT, timeout)
+            except UpstreamTimeout:
+                resp.release()
+                raise _UpstreamFailed(sidecar_error(504, f"upstream timed out after {timeout:g} s")) from None
+            except UpstreamError as exc:
+                resp.release()
+                raise _UpstreamFailed(sidecar_error(502, str(exc))) from None
         complete = len(data) < SNIFF_LIMIT or resp.at_eof()
         errcode, errmsg = None, ""
         if complete and data:
@@ -482,6 +486,7 @@ class Forwarder:
     # ------------------------------------------------------------ answer
 
     async def _relay(self, request: Request, answer: _Answer) -> Reply:
+        """A HEAD answer, or one to stream (a small GET answer is sent whole by `_exchange`)."""
         resp = answer.resp
         headers = resp.relay_headers       # hop-by-hop headers were left out while parsing
         if request.method == "HEAD":
@@ -491,7 +496,6 @@ class Forwarder:
             request.finish()
             return Reply(resp.status)
         if answer.complete:
-            # Small answer: already in hand; sent whole, in one write.
             resp.release()
             return Reply(resp.status, headers, answer.head)
         # Large or binary answer: stream through, never held in memory.

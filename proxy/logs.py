@@ -111,14 +111,14 @@ class AccessLog:
                     f'"request_id": {_json_str(request_id)}, "method": "{method}", '
                     f'"path": {quoted_path}, "status": {status}, '
                     f'"errcode": {"null" if errcode is None else int(errcode)}, '
-                    f'"replayed": {"true" if replayed else "false"}, "duration_s": {duration_s}}}')
+                    f'"replayed": {"true" if replayed else "false"}, "duration_s": {duration_s:.4f}}}')
         else:
             extras = (f"app={app} appid={appid} request_id={request_id} method={method} path={path} "
                       f"status={status}")
             if errcode is not None:
                 extras += f" errcode={errcode}"
             line = (f"{time.strftime('%H:%M:%S', time.localtime(now))} INFO    {method} {path} -> {status} "
-                    f"event=call {extras} replayed={replayed} duration_s={duration_s}")
+                    f"event=call {extras} replayed={replayed} duration_s={duration_s:.4f}")
         self._lines.append(line + "\n")
         self._size += len(line) + 1
         if self._size >= self.BATCH_BYTES:

@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 from dataclasses import replace
-from typing import Callable
+from typing import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -175,11 +175,12 @@ def build_proxy_server(sidecar: Sidecar) -> HttpServer:
     or not (CONNECT and absolute-form targets get its JSON refusal)."""
     cfg = sidecar.config
 
-    async def handle(request: Request) -> Reply:
+    def handle(request: Request) -> Awaitable[Reply]:
         # The forwarder is looked up per call: a reload replaces it. An
-        # exception becomes a logged JSON 500 in httpserver.py.
+        # exception becomes a logged JSON 500 in httpserver.py. A plain
+        # function handing on the forwarder's coroutine: no coroutine of its own.
         assert sidecar.forwarder is not None
-        return await sidecar.forwarder.handle(request)
+        return sidecar.forwarder.handle(request)
 
     # idle_timeout also closes a connection that never completes a request (slowloris).
     return HttpServer(handle, idle_timeout=cfg.client_timeout_s, body_timeout=cfg.client_timeout_s,

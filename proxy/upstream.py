@@ -294,14 +294,6 @@ class _Connection(asyncio.Protocol):
         self.transport.write(request)
         return self.response
 
-    async def headers(self, response: Response) -> None:
-        """Wait for the answer's headers (the pool's sweep enforces the timeout)."""
-        done = response.headers_done
-        if not done.done():
-            self.pool._sweeping()
-            await done
-        done.result()
-
     def done(self, response: Response, reusable: bool) -> None:
         if self.response is response:
             self.response = None
@@ -398,14 +390,43 @@ class UpstreamPool:
     async def request(self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]],
                       body: bytes) -> Response:
         """Send one request; returns once the answer's headers are in.
-        The caller must `release()` the response."""
+        The caller must `release()` the response. One coroutine, awaiting
+        the answer's headers future itself: this runs once per call."""
         data = self._build(method, target, headers, body)
         if self._free > 0:
             self._free -= 1
         else:
             await self._wait_for_slot()
+        head_only = method == "HEAD"
         try:
-            return await self._send(method, data)
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.closed:
+                    continue
+                response = conn.start(data, head_only)
+                done = response.headers_done
+                try:
+                    if not done.done():
+                        self._sweeping()       # the sweep enforces the timeout
+                        await done
+                    done.result()
+                    return response
+                except UpstreamTimeout:
+                    raise
+                except UpstreamError:
+                    if conn.received_any:
+                        raise
+                    # The idle connection had been closed by the upstream before
+                    # our request reached it: nothing was processed, send again.
+                    conn.close()
+            conn = await self._connect()
+            response = conn.start(data, head_only)
+            done = response.headers_done
+            if not done.done():
+                self._sweeping()
+                await done
+            done.result()
+            return response
         except BaseException:
             self._release_slot()
             raise
@@ -429,29 +450,6 @@ class UpstreamPool:
                 waiter.set_result(None)       # the slot goes straight to the next in line
                 return
         self._free += 1
-
-    async def _send(self, method: str, data: bytes) -> Response:
-        head_only = method == "HEAD"
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.closed:
-                continue
-            response = conn.start(data, head_only)
-            try:
-                await conn.headers(response)
-                return response
-            except UpstreamTimeout:
-                raise
-            except UpstreamError:
-                if conn.received_any:
-                    raise
-                # The idle connection had been closed by the upstream before
-                # our request reached it: nothing was processed, send again.
-                conn.close()
-        conn = await self._connect()
-        response = conn.start(data, head_only)
-        await conn.headers(response)
-        return response
 
     def _give_back(self, conn: _Connection, reusable: bool) -> None:
         self._release_slot()
