@@ -78,6 +78,10 @@ UPSTREAM_POOL_LIMIT = 100
 
 SIDECAR_ERRCODE_HEADER = "X-Sidecar-Upstream-Errcode"
 
+# Request headers the proxy port's server notes while parsing (Request.noted),
+# so that no call searches its headers for them.
+NOTED_HEADERS = (b"x-wechat-app", b"x-request-id")
+
 
 def sidecar_error(status: int, why: str, headers: dict[str, str] | None = None,
                   outcome: str = "") -> Reply:
@@ -209,9 +213,6 @@ class Forwarder:
         self._id_prefix = uuid.uuid4().hex[:8]
         self._ids = itertools.count(1)
 
-    def _next_request_id(self) -> str:
-        return f"{self._id_prefix}-{next(self._ids):x}"
-
     # ------------------------------------------------------------ routing
 
     def route(self, request: Request) -> tuple[App, str] | Reply:
@@ -226,8 +227,9 @@ class Forwarder:
         app = self.apps.get(first)
         if app is not None:
             return app, "/" + tail
-        header = request.header(b"x-wechat-app")
-        if header is not None:
+        named = request.noted.get(b"x-wechat-app")
+        if named is not None:
+            header = named.decode("latin-1")
             app = self.apps.get(header.strip())
             if app is None:
                 return sidecar_error(400, f"unknown app {header.strip()[:64]!r} in X-WeChat-App "
@@ -254,7 +256,9 @@ class Forwarder:
                 self.metrics.replays.labels(app_name, str(replayed_from)).inc()
         if self.access.enabled:
             # The request id only ever appears in the access line.
-            request_id = (request.header(b"x-request-id") or "")[:64] or self._next_request_id()
+            given = request.noted.get(b"x-request-id")
+            request_id = (given[:64].decode("latin-1") if given else "") or \
+                f"{self._id_prefix}-{next(self._ids):x}"
             self.access.call(app_name, appid, request_id, request.method, request.path, response.status,
                              errcode, replayed_from is not None, duration)
         return response
@@ -466,8 +470,10 @@ class Forwarder:
         # writes it first); no need to parse the whole body.
         if data.find(b'"errcode"', first + 9) < 0:     # the usual single errcode
             match = _ERRCODE_RE.match(data, first)
-            if match is not None and int(match.group(1)) not in refresh_codes:
-                return int(match.group(1)), ""
+            if match is not None:
+                code = int(match.group(1))
+                if code not in refresh_codes:
+                    return code, ""
         else:
             codes = _ERRCODE_RE.findall(data)
             if codes and refresh_codes.isdisjoint(map(int, codes)):

@@ -35,6 +35,7 @@ MAX_HEAD_COUNT = 256
 Header = tuple[bytes, bytes]
 JSON_HEADER: Header = (b"Content-Type", b"application/json; charset=utf-8")
 _NONE: list[bytes] = []                # shared, never appended to
+_NO_NOTES: dict[bytes, bytes] = {}     # shared, never written to
 
 # Method names as text, decoded once (others are decoded as they come).
 _METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT")}
@@ -85,7 +86,7 @@ class Request:
     the body on demand; answers go back through `start`/`write`/`finish`."""
 
     __slots__ = ("method", "target", "path", "query", "version", "raw_headers", "head_bytes",
-                 "keep_alive", "body_exists", "connection", "_conn", "_parts", "_size", "complete", "_error",
+                 "keep_alive", "body_exists", "connection", "noted", "_conn", "_parts", "_size", "complete", "_error",
                  "_waiter", "_state", "_chunked")
 
     def __init__(self, conn: "_Connection", method: str, target: str, version: str,
@@ -102,6 +103,7 @@ class Request:
         self.keep_alive = keep_alive
         self.body_exists = body_exists
         self.connection: list[bytes] = _NONE    # the values of Connection headers
+        self.noted: dict[bytes, bytes] = _NO_NOTES   # the server's `noted` headers: first value by name
         self._parts: list[bytes] = []
         self._size = 0
         self.complete = not body_exists
@@ -227,6 +229,7 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0
         self._body_exists = False
         self._connection: list[bytes] = []
+        self._noted: dict[bytes, bytes] = _NO_NOTES
 
     # -- asyncio.Protocol
 
@@ -286,6 +289,8 @@ class _Connection(asyncio.Protocol):
         self._body_exists = False
         if self._connection:
             self._connection = []
+        if self._noted:
+            self._noted = _NO_NOTES
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -300,7 +305,7 @@ class _Connection(asyncio.Protocol):
             raise _HeadTooLarge(f"request head over {MAX_HEAD_BYTES} bytes")
         if len(self._headers) > MAX_HEAD_COUNT:
             raise _HeadTooLarge(f"more than {MAX_HEAD_COUNT} request headers")
-        if len(name) in (10, 14, 17):              # only these lengths matter here
+        if len(name) in self.server.name_lengths:     # only names of these lengths matter here
             lower = name.lower()
             if lower == b"content-length":
                 self._body_exists = value.strip() not in (b"0", b"")
@@ -308,6 +313,10 @@ class _Connection(asyncio.Protocol):
                 self._body_exists = True
             elif lower == b"connection":
                 self._connection.append(value)
+            elif lower in self.server.noted and lower not in self._noted:
+                if self._noted is _NO_NOTES:
+                    self._noted = {}
+                self._noted[lower] = value
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -317,6 +326,8 @@ class _Connection(asyncio.Protocol):
                       parser.should_keep_alive(), self._body_exists)
         if self._connection:
             req.connection = self._connection
+        if self._noted:
+            req.noted = self._noted
         self.parsing = req if req.body_exists else None
         if not self.keep_alive:
             return                      # closing: a request after the last one is not answered
@@ -496,8 +507,13 @@ class HttpServer:
     """Listens on one socket; `shutdown` stops accepting, lets calls in hand
     finish within the grace, then cuts what is left."""
 
-    def __init__(self, handler: Handler, *, idle_timeout: float, body_timeout: float, max_body: int):
+    def __init__(self, handler: Handler, *, idle_timeout: float, body_timeout: float, max_body: int,
+                 noted: Iterable[bytes] = ()):
         self.handler = handler
+        # Request headers (lower-case names) whose first value each request
+        # carries in `Request.noted`, read while parsing: no search per call.
+        self.noted = frozenset(noted)
+        self.name_lengths = frozenset({10, 14, 17} | {len(name) for name in self.noted})
         self.idle_timeout = idle_timeout
         self.body_timeout = body_timeout
         self.max_body = max_body

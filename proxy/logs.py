@@ -81,6 +81,7 @@ class AccessLog:
         self._timer: object | None = None
         self._second = -1
         self._stamp = ""
+        self._whos: dict[str | None, tuple[str | None, str]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -91,6 +92,15 @@ class AccessLog:
         if second != self._second:
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return self._stamp + _MILLIS[int((now - second) * 1000)]
+
+    def _who(self, app: str | None, appid: str | None) -> str:
+        """The app and appid fields of a JSON line, made once per app."""
+        who = self._whos.get(app)
+        if who is None or who[0] != appid:
+            text = ("" if app is None else f'"app": {_json_str(app)}, ') + \
+                f'"appid": {"null" if appid is None else _json_str(appid)}, '
+            who = self._whos[app] = (appid, text)
+        return who[1]
 
     def call(self, app: str | None, appid: str | None, request_id: str, method: str, path: str, status: int,
              errcode: int | None, replayed: bool, duration_s: float) -> None:
@@ -105,12 +115,10 @@ class AccessLog:
             # (C) JSON string escaper; app names and methods are validated.
             quoted_path = _json_str(path)   # msg reuses it: methods are tokens, status a number
             line = (f'{{"ts": "{self._ts(now)}", "level": "info", "logger": "proxy.access", '
-                    f'"msg": "{method} {quoted_path[1:-1]} -> {status}", "event": "call", '
-                    f'{"" if app is None else f""""app": "{app}", """}'
-                    f'"appid": {"null" if appid is None else _json_str(appid)}, '
+                    f'"msg": "{method} {quoted_path[1:-1]} -> {status}", "event": "call", {self._who(app, appid)}'
                     f'"request_id": {_json_str(request_id)}, "method": "{method}", '
                     f'"path": {quoted_path}, "status": {status}, '
-                    f'"errcode": {"null" if errcode is None else int(errcode)}, '
+                    f'"errcode": {"null" if errcode is None else errcode}, '
                     f'"replayed": {"true" if replayed else "false"}, "duration_s": {duration_s:.4f}}}')
         else:
             extras = (f"app={app} appid={appid} request_id={request_id} method={method} path={path} "

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from .admin import AdminRoutes, admin_error
 from .config import App, Config, ConfigError
-from .forward import Forwarder
+from .forward import NOTED_HEADERS, Forwarder
 from .httpserver import HttpServer, Reply, Request
 from .logs import AccessLog
 from .metrics import Metrics
@@ -184,7 +184,7 @@ def build_proxy_server(sidecar: Sidecar) -> HttpServer:
 
     # idle_timeout also closes a connection that never completes a request (slowloris).
     return HttpServer(handle, idle_timeout=cfg.client_timeout_s, body_timeout=cfg.client_timeout_s,
-                      max_body=cfg.max_body_bytes)
+                      max_body=cfg.max_body_bytes, noted=NOTED_HEADERS)
 
 
 def build_admin_app(sidecar: Sidecar) -> web.Application:

@@ -31,7 +31,8 @@ async def test_no_token_or_secret_in_any_log_line_at_debug_level(sim, spawn, htt
     await wait_alive(proc, admin)
     base = f"http://127.0.0.1:{port}"
     # normal calls, an app-sent token, a replay, a local token answer, a /sns/ call with a user token
-    async with http.get(f"{base}/cgi-bin/user/info?access_token=APP_SENT_TOKEN_123&openid=o") as r:
+    async with http.get(f"{base}/cgi-bin/user/info?access_token=APP_SENT_TOKEN_123&openid=o",
+                        headers={"X-Request-Id": "trace-7f3a"}) as r:
         assert r.status == 200
     sim.rotate(APPID, "client_credential", grace_s=0)
     async with http.post(f"{base}/cgi-bin/message/custom/send", data=b"{}") as r:
@@ -56,6 +57,10 @@ async def test_no_token_or_secret_in_any_log_line_at_debug_level(sim, spawn, htt
         assert "?" not in call["path"] and "?" not in call["msg"]
     assert [c["appid"] for c in calls] == [APPID] * 4 + ["wx00000000000000b2"]
     assert calls[0]["errcode"] == 0 and calls[-1]["errcode"] is None and calls[-1]["status"] == 503
+    # The app's X-Request-Id is kept; calls without one get ids of their own, all different.
+    ids = [c["request_id"] for c in calls]
+    assert ids[0] == "trace-7f3a" and len(set(ids)) == 5 and all(ids)
+    assert all(isinstance(c["duration_s"], float) and 0 <= c["duration_s"] < 10 for c in calls)
     assert "token fetched" in out and "token rejected" in out and "40125" in out
     for secret in [SECRET, "WRONG-SECRET-zzzzzzzz", *sim.issued_tokens()]:
         assert secret not in out

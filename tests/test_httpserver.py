@@ -46,8 +46,9 @@ async def serve() -> AsyncIterator[Callable[..., Awaitable[Served]]]:
     servers: list[HttpServer] = []
 
     async def start(handler: Handler = echo, *, idle_timeout: float = 5, body_timeout: float = 5,
-                    max_body: int = 1 << 20) -> Served:
-        server = HttpServer(handler, idle_timeout=idle_timeout, body_timeout=body_timeout, max_body=max_body)
+                    max_body: int = 1 << 20, noted: tuple[bytes, ...] = ()) -> Served:
+        server = HttpServer(handler, idle_timeout=idle_timeout, body_timeout=body_timeout, max_body=max_body,
+                            noted=noted)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
@@ -117,6 +118,23 @@ async def test_target_and_headers_reach_the_handler_as_sent(serve):
     seen = json.loads((await read_answer(reader))[2])
     assert seen["path"] == "/a//b/%41" and seen["query"] == "x=%2F&y=1"
     assert seen["headers"] == [["Host", "x"], ["X-Case", "MiXeD"], ["X-Dup", "1"], ["X-Dup", "2"]]
+    writer.close()
+
+
+async def test_noted_headers_are_found_while_parsing_whatever_their_case(serve):
+    async def noted(request: Request) -> Reply:
+        seen = {k.decode(): v.decode() for k, v in request.noted.items()}
+        return Reply(200, [TEXT], json.dumps(seen).encode())
+
+    served = await serve(noted, noted=(b"x-request-id", b"x-wechat-app"))
+    reader, writer = await served.open()
+    # The first value of each noted name, any case; other names (of the same
+    # length, too) are not noted; nothing carries over to the next request.
+    writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\nX-REQUEST-ID: first\r\nx-request-id: second\r\n"
+                 b"X-Wechat-App: mini\r\nX-Something: 1\r\n\r\n"
+                 b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert json.loads((await read_answer(reader))[2]) == {"x-request-id": "first", "x-wechat-app": "mini"}
+    assert json.loads((await read_answer(reader))[2]) == {}
     writer.close()
 
 
