@@ -67,6 +67,18 @@ SECRET_PARAMS: dict[str, tuple[str, ...]] = {
 }
 
 _ERRCODE_RE = re.compile(rb'"errcode"\s*:\s*(-?\d{1,10})')
+# What follows `"errcode"`, when the number ends within these bytes.
+_ERRCODE_WINDOW = 16
+_ERRCODE_VALUE_RE = re.compile(rb'\s*:\s*(-?\d{1,10})(?=\D)')
+
+
+@functools.lru_cache(maxsize=256)
+def _errcode_in(window: bytes) -> int | None:
+    """The errcode a window after `"errcode"` holds, if its number ends there.
+    Answers mostly repeat a few windows (`:0,"errmsg":"ok"`): looked up, not parsed."""
+    match = _ERRCODE_VALUE_RE.match(window)
+    return int(match.group(1)) if match is not None else None
+
 # Answered by the sidecar itself with the managed token (DESIGN.md).
 LOCAL_TOKEN_PATHS = frozenset({"/cgi-bin/token", "/cgi-bin/stable_token", "/cgi-bin/gettoken"})
 
@@ -469,11 +481,12 @@ class Forwarder:
         # No token errcode anywhere: the first errcode is the answer's (WeChat
         # writes it first); no need to parse the whole body.
         if data.find(b'"errcode"', first + 9) < 0:     # the usual single errcode
-            match = _ERRCODE_RE.match(data, first)
-            if match is not None:
-                code = int(match.group(1))
-                if code not in refresh_codes:
-                    return code, ""
+            code = _errcode_in(data[first + 9:first + 9 + _ERRCODE_WINDOW])
+            if code is None:
+                match = _ERRCODE_RE.match(data, first)
+                code = int(match.group(1)) if match is not None else None
+            if code is not None and code not in refresh_codes:
+                return code, ""
         else:
             codes = _ERRCODE_RE.findall(data)
             if codes and refresh_codes.isdisjoint(map(int, codes)):

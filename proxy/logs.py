@@ -70,6 +70,7 @@ class AccessLog:
 
     FLUSH_S = 0.1
     BATCH_BYTES = 64 * 1024
+    KEPT_LINE_PARTS = 256
 
     def __init__(self, fmt: str = "json", stream=None, on: bool = True):  # type: ignore[no-untyped-def]
         self.fmt = fmt
@@ -81,7 +82,7 @@ class AccessLog:
         self._timer: object | None = None
         self._second = -1
         self._stamp = ""
-        self._whos: dict[str | None, tuple[str | None, str]] = {}
+        self._whats: dict[tuple[str | None, str | None, str, str, int], str] = {}
 
     @property
     def enabled(self) -> bool:
@@ -93,14 +94,19 @@ class AccessLog:
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return self._stamp + _MILLIS[int((now - second) * 1000)]
 
-    def _who(self, app: str | None, appid: str | None) -> str:
-        """The app and appid fields of a JSON line, made once per app."""
-        who = self._whos.get(app)
-        if who is None or who[0] != appid:
-            text = ("" if app is None else f'"app": {_json_str(app)}, ') + \
+    def _what(self, key: tuple[str | None, str | None, str, str, int]) -> str:
+        """The fields of a JSON line fixed by app, method, path and status: made
+        once for each such call and kept (a bounded number of them)."""
+        app, appid, method, path, status = key
+        quoted = _json_str(redact(path) if "=" in path else path)   # methods are tokens, status a number
+        text = (f'"msg": "{method} {quoted[1:-1]} -> {status}", "event": "call", '
+                f'{"" if app is None else f""""app": {_json_str(app)}, """}'
                 f'"appid": {"null" if appid is None else _json_str(appid)}, '
-            who = self._whos[app] = (appid, text)
-        return who[1]
+                f'"method": "{method}", "path": {quoted}, "status": {status}, ')
+        if len(self._whats) >= self.KEPT_LINE_PARTS:
+            self._whats.clear()
+        self._whats[key] = text
+        return text
 
     def call(self, app: str | None, appid: str | None, request_id: str, method: str, path: str, status: int,
              errcode: int | None, replayed: bool, duration_s: float) -> None:
@@ -108,27 +114,29 @@ class AccessLog:
         ts, level, msg, appid, request_id, method, path (never the query),
         status, errcode, duration_s, replayed; null where there is none."""
         now = time.time()
-        if "=" in path:
-            path = redact(path)
+        tenths = int(duration_s * 10000 + 0.5)          # the duration to 0.1 ms
+        duration = _TENTHS_MS[tenths] if tenths < 1000 else f"{duration_s:.4f}"
         if self.fmt == "json":
-            # A fixed template: only the free-text fields go through the
-            # (C) JSON string escaper; app names and methods are validated.
-            quoted_path = _json_str(path)   # msg reuses it: methods are tokens, status a number
-            line = (f'{{"ts": "{self._ts(now)}", "level": "info", "logger": "proxy.access", '
-                    f'"msg": "{method} {quoted_path[1:-1]} -> {status}", "event": "call", {self._who(app, appid)}'
-                    f'"request_id": {_json_str(request_id)}, "method": "{method}", '
-                    f'"path": {quoted_path}, "status": {status}, '
+            # A template: what a call's app, method, path and status fix is
+            # made once (_what); only the request id goes through the (C)
+            # JSON string escaper per call.
+            key = (app, appid, method, path, status)
+            what = self._whats.get(key) or self._what(key)
+            line = (f'{{"ts": "{self._ts(now)}", "level": "info", "logger": "proxy.access", {what}'
+                    f'"request_id": {_json_str(request_id)}, '
                     f'"errcode": {"null" if errcode is None else errcode}, '
-                    f'"replayed": {"true" if replayed else "false"}, "duration_s": {duration_s:.4f}}}')
+                    f'"replayed": {"true" if replayed else "false"}, "duration_s": {duration}}}\n')
         else:
+            if "=" in path:
+                path = redact(path)
             extras = (f"app={app} appid={appid} request_id={request_id} method={method} path={path} "
                       f"status={status}")
             if errcode is not None:
                 extras += f" errcode={errcode}"
             line = (f"{time.strftime('%H:%M:%S', time.localtime(now))} INFO    {method} {path} -> {status} "
-                    f"event=call {extras} replayed={replayed} duration_s={duration_s:.4f}")
-        self._lines.append(line + "\n")
-        self._size += len(line) + 1
+                    f"event=call {extras} replayed={replayed} duration_s={duration}\n")
+        self._lines.append(line)
+        self._size += len(line)
         if self._size >= self.BATCH_BYTES:
             self.flush()
         elif self._timer is None:
@@ -152,6 +160,8 @@ class AccessLog:
 
 # ".000Z" to ".999Z": the sub-second part of an access line's timestamp.
 _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
+# "0.0000" to "0.0999": durations under 0.1 s, to 0.1 ms (formatting a float costs more).
+_TENTHS_MS = tuple(f"0.{n:04d}" for n in range(1000))
 
 _json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
 

@@ -147,3 +147,26 @@ def test_any_text_gives_a_config_or_a_config_error(text):
         config_mod.parse(text, "fuzz.yaml", {})
     except config_mod.ConfigError:
         pass
+
+
+class _Sniffed:
+    """What Forwarder._errcode reads of an upstream answer."""
+    content_encoding = b""
+    content_type = b"application/json; charset=utf-8"
+
+
+@given(code=st.integers(min_value=-10**9, max_value=10**10 - 1),
+       before=st.sampled_from(["", " ", "  ", "\t", " \n "]), after=st.sampled_from(["", " ", "\r\n  "]),
+       lead=st.text(alphabet="ab ", max_size=20), rest=st.sampled_from(["}", ',"errmsg":"ok"}', " }", ',"x":1}']))
+@settings(max_examples=300, deadline=None)
+def test_the_errcode_sniffed_is_the_one_json_reads(code, before, after, lead, rest):
+    """Whatever the spacing, length or place of the number (cut by the
+    looked-up window or not, at the end of the answer or not), the sniffer
+    reads the errcode a JSON parser reads."""
+    from proxy.forward import Forwarder
+    body = f'{{"lead":"{lead}","errcode"{before}:{after}{code}{rest}'.encode()
+    assert json.loads(body)["errcode"] == code
+    assert Forwarder._errcode(_Sniffed(), body, frozenset({40001})) == (code, "")
+    # a token errcode is read whole, errmsg included
+    token_error = f'{{"errcode"{before}:{after}40001,"errmsg":"invalid credential"}}'.encode()
+    assert Forwarder._errcode(_Sniffed(), token_error, frozenset({40001})) == (40001, "invalid credential")
