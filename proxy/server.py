@@ -3,6 +3,7 @@ closed in one place (`cleanup_ctx`), two listeners (proxy and admin)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -299,6 +300,10 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     except OSError as exc:
         log.error("%s", exc.strerror or exc, extra={"event": "listen_failed"})
         return 1
+    # What start-up made (modules, config, clients) lives as long as the
+    # process: out of the collector's sight, a full collection no longer
+    # walks it (it paused the proxy for ~45 ms with store: redis).
+    gc.freeze()
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
     log.info("listening: proxy on %s:%d, admin on %s:%d (event loop: %s)", config.listen.host,
              running.proxy_port, config.admin.host, running.admin_port, loop_name,

@@ -299,3 +299,38 @@ async def test_log_access_false_drops_call_lines_but_keeps_token_events(sim, spa
     assert proc.stop() == 0
     events = [json.loads(line).get("event") for line in proc.output().splitlines()]
     assert "token_fetched" in events and "call" not in events
+
+
+async def test_what_start_up_made_is_kept_out_of_garbage_collection(sim, http):
+    """`run` freezes what start-up made (modules, config, clients: tens of
+    thousands of objects that live as long as the process), so that a full
+    collection does not walk them all while calls wait (~45 ms with Redis)."""
+    import gc
+
+    from proxy import config as config_mod
+    from proxy.server import serve
+
+    port, admin = free_port(), free_port()
+    cfg = config_mod.parse(sidecar_yaml(sim.url, listen_port=port, admin_port=admin), "<test>", env={})
+    assert gc.get_freeze_count() == 0
+    task = asyncio.create_task(serve(cfg))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert time.monotonic() < deadline and not task.done(), "not ready in time"
+            try:
+                async with http.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.02)
+        assert gc.get_freeze_count() > 10_000
+        async with http.get(f"http://127.0.0.1:{port}/cgi-bin/user/info?openid=o") as resp:
+            assert resp.status == 200
+        os.kill(os.getpid(), signal.SIGTERM)          # serve's own handler stops it
+        assert await asyncio.wait_for(task, 10) == 0
+    finally:
+        gc.unfreeze()
+        if not task.done():
+            task.cancel()
