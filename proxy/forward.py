@@ -24,6 +24,7 @@ from .tokens import Token, TokenManager, TokenUnavailable
 from .upstream import Response, UpstreamError, UpstreamPool, UpstreamTimeout
 
 log = logging.getLogger("proxy.forward")
+_monotonic = time.monotonic
 
 # Error answers are small JSON ({"errcode", "errmsg"} plus a rid); binary
 # endpoints answer errors as JSON too (wechat-api-notes.md §6). Answers up to
@@ -121,7 +122,7 @@ _FORBIDDEN_IN_PATH = ("\\", "%5c", "%5C", "%2f", "%2F", "%00", "\x00")
 def normalize_path(raw: str) -> str | None:
     """Resolve `.`/`..` (also as %2e), collapse `//`; None when the path
     escapes the root or carries bytes that could be decoded into a new path."""
-    if not raw.startswith("/"):
+    if raw[:1] != "/":
         return None
     if "/." not in raw and "//" not in raw and "%" not in raw and "\\" not in raw:
         return raw   # the common case: nothing to resolve
@@ -149,9 +150,11 @@ def check_request(request: Request) -> Reply | None:
         return sidecar_error(405, "CONNECT is not supported: this is not a forward proxy",
                              outcome="bad_request")
     raw = request.target
-    if not raw.startswith("/"):
+    if raw[:1] != "/":
         return sidecar_error(400, "absolute-form or malformed request target: send the path only, "
                                   "the sidecar picks the upstream", outcome="bad_request")
+    if request.head_bytes <= MAX_URL_BYTES and len(request.raw_headers) <= MAX_HEADER_COUNT:
+        return None                    # within every limit below (the head's bytes include the URL's)
     if len(raw) > MAX_URL_BYTES:
         return sidecar_error(414, f"URL longer than {MAX_URL_BYTES} bytes", outcome="bad_request")
     if len(request.raw_headers) > MAX_HEADER_COUNT:
@@ -170,8 +173,6 @@ def add_missing_params(raw_query: str, params: dict[str, str]) -> str:
 
 def strip_access_token(raw_query: str) -> str:
     """Drop every `access_token` parameter, keeping the rest byte for byte."""
-    if "access" not in raw_query and "%" not in raw_query:
-        return raw_query
     kept = [part for part in raw_query.split("&")
             if part and unquote(part.split("=", 1)[0]) != "access_token"]
     return "&".join(kept)
@@ -184,22 +185,16 @@ def _token_param(token: str) -> str:
 
 
 def with_token(raw_query: str, token: str) -> str:
-    rest = strip_access_token(raw_query)
+    if "access" in raw_query or "%" in raw_query:
+        raw_query = strip_access_token(raw_query)
     param = _token_param(token)
-    return f"{rest}&{param}" if rest else param
+    return f"{raw_query}&{param}" if raw_query else param
 
 
-class _Answer:
-    """An upstream answer with its first bytes read; `complete` when that is all."""
-
-    __slots__ = ("resp", "head", "complete", "errcode", "errmsg")
-
-    def __init__(self, resp: Response, head: bytes, complete: bool, errcode: int | None, errmsg: str):
-        self.resp = resp
-        self.head = head
-        self.complete = complete
-        self.errcode = errcode
-        self.errmsg = errmsg
+# An upstream answer with its first bytes read, as `_send` gives it: the
+# response, those bytes, whether they are all of it, and the errcode and
+# errmsg they carry (a plain tuple: one is made per call).
+_Answer = tuple[Response, bytes, bool, "int | None", str]
 
 
 # What a call came to: the answer, the errcode it carried (None when none),
@@ -252,7 +247,7 @@ class Forwarder:
     # ------------------------------------------------------------ entry point
 
     async def handle(self, request: Request) -> Reply:
-        started = time.monotonic()
+        started = _monotonic()
         routed = check_request(request) or self.route(request)
         if isinstance(routed, Reply):
             response, errcode, replayed_from = routed, None, None
@@ -261,17 +256,18 @@ class Forwarder:
             app, path = routed
             app_name, appid = app.name, app.appid
             response, errcode, replayed_from = await self._handle(request, app, path)
-        duration = time.monotonic() - started
+        duration = _monotonic() - started
         if app_name is not None:
             self.metrics.observe_call(app_name, response.outcome or ("wechat_error" if errcode else "ok"), duration)
             if replayed_from is not None:
                 self.metrics.replays.labels(app_name, str(replayed_from)).inc()
-        if self.access.enabled:
+        access = self.access
+        if access.on and access.logger.isEnabledFor(logging.INFO):     # AccessLog.enabled, inline
             # The request id only ever appears in the access line.
             given = request.noted.get(b"x-request-id")
             request_id = (given[:64].decode("latin-1") if given else "") or \
                 f"{self._id_prefix}-{next(self._ids):x}"
-            self.access.call(app_name, appid, request_id, request.method, request.path, response.status,
+            access.call(app_name, appid, request_id, request.method, request.path, response.status,
                              errcode, replayed_from is not None, duration)
         return response
 
@@ -292,7 +288,8 @@ class Forwarder:
                 body = await request.read()
             except BodyError as exc:
                 return sidecar_error(exc.status, exc.why, outcome="bad_request"), None, None
-        headers = self._upstream_headers(request)
+        skip = HOP_BY_HOP_BYTES if not request.connection else self._hop_by_hop(request)
+        headers = [(k, v) for k, v in request.raw_headers if k.lower() not in skip]
         raw_query = request.query
 
         if app.inject_secret and path in SECRET_PARAMS:
@@ -302,8 +299,7 @@ class Forwarder:
         if path.startswith(self.no_token_prefixes):
             # Pass-through: the call carries its own credentials (§5).
             target = f"{path}?{raw_query}" if raw_query else path
-            result = await self._exchange(request, target, headers, body, token=None, manager=None,
-                                          app=app, path=path)
+            result = await self._exchange(request, target, headers, body, None, None, app, path, "")
             if not result[0].outcome:
                 result[0].outcome = "passthrough"
             return result
@@ -313,25 +309,26 @@ class Forwarder:
         except TokenUnavailable as exc:
             return sidecar_error(503, str(exc)), None, None
         target = f"{path}?{with_token(raw_query, token.value)}"
-        return await self._exchange(request, target, headers, body, token=token, manager=manager,
-                                    app=app, path=path, raw_query=raw_query)
+        return await self._exchange(request, target, headers, body, token, manager, app, path, raw_query)
 
-    async def _exchange(self, request: Request, target: str, headers: list[Header], body: bytes, *,
+    async def _exchange(self, request: Request, target: str, headers: list[Header], body: bytes,
                         token: Token | None, manager: TokenManager | None, app: App, path: str,
-                        raw_query: str = "") -> _Result:
-        pool = self._pool(app)
+                        raw_query: str) -> _Result:
+        """Send; on a token errcode (with a token), invalidate it and replay once."""
+        pool = self.pools.get(app.upstream) or self._pool(app)
         refresh_codes = self.refresh_codes[app.name]
         method = request.method
         try:
-            answer = await self._send(pool, method, target, headers, body, refresh_codes)
+            resp, head, complete, errcode, errmsg = await self._send(pool, method, target, headers, body,
+                                                                     refresh_codes)
         except _UpstreamFailed as exc:
             return exc.response, None, None
 
         replayed_from = None
-        if token is not None and manager is not None and answer.errcode in refresh_codes:
+        if token is not None and manager is not None and errcode in refresh_codes:
             # Token error: invalidate exactly the token we used, replay once.
-            first_code = answer.errcode
-            answer.resp.release()
+            first_code = errcode
+            resp.release()
             try:
                 fresh = await manager.invalidate(token.value)
             except TokenUnavailable as exc:
@@ -340,25 +337,25 @@ class Forwarder:
             replayed_from = first_code
             target = f"{path}?{with_token(raw_query, fresh.value)}"
             try:
-                answer = await self._send(pool, method, target, headers, body, refresh_codes)
+                resp, head, complete, errcode, errmsg = await self._send(pool, method, target, headers, body,
+                                                                         refresh_codes)
             except _UpstreamFailed as exc:
                 return exc.response, None, replayed_from
-            if answer.errcode in refresh_codes:
+            if errcode in refresh_codes:
                 # A second token failure. Never hand 40001/42001/40014 back by
                 # default: SDKs would fetch a token themselves and rotate
                 # everyone's (DESIGN.md).
                 manager.reject(fresh.value)
                 if not self.config.pass_token_errors:
-                    answer.resp.release()
-                    return sidecar_error(503, f"token rejected after refresh ({answer.errcode}: {answer.errmsg})",
-                                         {SIDECAR_ERRCODE_HEADER: str(answer.errcode)},
-                                         outcome="token_rejected"), answer.errcode, replayed_from
-        resp = answer.resp
-        if answer.complete and method != "HEAD":
+                    resp.release()
+                    return sidecar_error(503, f"token rejected after refresh ({errcode}: {errmsg})",
+                                         {SIDECAR_ERRCODE_HEADER: str(errcode)},
+                                         outcome="token_rejected"), errcode, replayed_from
+        if complete and method != "HEAD":
             # Small answer: already in hand; sent whole, in one write.
             resp.release()
-            return Reply(resp.status, resp.relay_headers, answer.head), answer.errcode, replayed_from
-        return await self._relay(request, answer), answer.errcode, replayed_from
+            return Reply(resp.status, resp.relay_headers, head), errcode, replayed_from
+        return await self._relay(request, resp, head, complete), errcode, replayed_from
 
     @staticmethod
     def _continue(request: Request) -> Reply | None:
@@ -419,32 +416,33 @@ class Forwarder:
         return pool
 
     @staticmethod
-    def _upstream_headers(request: Request) -> list[Header]:
-        raw = request.raw_headers
+    def _hop_by_hop(request: Request) -> frozenset[bytes]:
+        """The request headers not to forward: ours and the hop-by-hop ones,
+        with those the client named in Connection."""
         skip = HOP_BY_HOP_BYTES
         for connection in request.connection:
-            # headers the client named as hop-by-hop go too
             skip = skip | {h.strip().lower() for h in connection.split(b",") if h.strip()}
-        return [(k, v) for k, v in raw if k.lower() not in skip]
+        return skip
 
     async def _send(self, pool: UpstreamPool, method: str, target: str,
                     headers: list[Header], body: bytes,
                     refresh_codes: frozenset[int]) -> _Answer:
         """Send, and read the answer's first bytes: a small answer whole, and
         its errcode; a large one (it cannot be a token error) is left to stream."""
-        timeout = self.config.upstream.timeout_s
         try:
             resp = await pool.request(method, target, headers, body)
         except UpstreamTimeout:
-            raise _UpstreamFailed(sidecar_error(504, f"upstream timed out after {timeout:g} s")) from None
+            raise _UpstreamFailed(sidecar_error(
+                504, f"upstream timed out after {self.config.upstream.timeout_s:g} s")) from None
         except UpstreamError as exc:
             raise _UpstreamFailed(sidecar_error(502, str(exc))) from None
         length = resp.content_length
         if length is not None and length > SNIFF_LIMIT:
-            return _Answer(resp, b"", False, None, "")
+            return resp, b"", False, None, ""
         # Small or unknown-length answer: buffer up to the limit and inspect.
         data = resp.whole_body(SNIFF_LIMIT)
         if data is None:
+            timeout = self.config.upstream.timeout_s
             try:
                 data = await resp.read_up_to(SNIFF_LIMIT, timeout)
             except UpstreamTimeout:
@@ -457,7 +455,7 @@ class Forwarder:
         errcode, errmsg = None, ""
         if complete and data:
             errcode, errmsg = self._errcode(resp, data, refresh_codes)
-        return _Answer(resp, data, complete, errcode, errmsg)
+        return resp, data, complete, errcode, errmsg
 
     @staticmethod
     def _errcode(resp: Response, data: bytes, refresh_codes: frozenset[int]) -> tuple[int | None, str]:
@@ -504,9 +502,9 @@ class Forwarder:
 
     # ------------------------------------------------------------ answer
 
-    async def _relay(self, request: Request, answer: _Answer) -> Reply:
-        """A HEAD answer, or one to stream (a small GET answer is sent whole by `_exchange`)."""
-        resp = answer.resp
+    async def _relay(self, request: Request, resp: Response, head: bytes, complete: bool) -> Reply:
+        """A HEAD answer, or one to stream (a small GET answer is sent whole by
+        `_exchange`); `head` is what `_send` read of the body already."""
         headers = resp.relay_headers       # hop-by-hop headers were left out while parsing
         if request.method == "HEAD":
             # No body, but the upstream's Content-Length describes the GET answer.
@@ -514,15 +512,15 @@ class Forwarder:
             request.start(resp.status, headers, resp.content_length)
             request.finish()
             return Reply(resp.status)
-        if answer.complete:
+        if complete:
             resp.release()
-            return Reply(resp.status, headers, answer.head)
+            return Reply(resp.status, headers, head)
         # Large or binary answer: stream through, never held in memory.
         timeout = self.config.upstream.timeout_s
         try:
             request.start(resp.status, headers, resp.content_length)
-            if answer.head:
-                await request.write(answer.head)
+            if head:
+                await request.write(head)
             while chunk := await resp.read_chunk(timeout):
                 await request.write(chunk)
             request.finish()

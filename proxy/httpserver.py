@@ -90,7 +90,8 @@ class Request:
                  "_waiter", "_state", "_chunked")
 
     def __init__(self, conn: "_Connection", method: str, target: str, version: str,
-                 raw_headers: list[Header], head_bytes: int, keep_alive: bool, body_exists: bool):
+                 raw_headers: list[Header], head_bytes: int, keep_alive: bool, body_exists: bool,
+                 connection: list[bytes] = _NONE, noted: dict[bytes, bytes] = _NO_NOTES):
         self._conn = conn
         self.method = method
         self.target = target                   # path and query, exactly as sent
@@ -102,9 +103,9 @@ class Request:
         self.head_bytes = head_bytes
         self.keep_alive = keep_alive
         self.body_exists = body_exists
-        self.connection: list[bytes] = _NONE    # the values of Connection headers
-        self.noted: dict[bytes, bytes] = _NO_NOTES   # the server's `noted` headers: first value by name
-        self._parts: list[bytes] = []
+        self.connection = connection            # the values of Connection headers
+        self.noted = noted                      # the server's `noted` headers: first value by name
+        self._parts: list[bytes] = _NONE        # made when a body comes
         self._size = 0
         self.complete = not body_exists
         self._error: BodyError | None = None
@@ -129,6 +130,8 @@ class Request:
             self._parts.clear()
             self._fail(BodyError(413, f"request body over {self._conn.server.max_body} bytes"))
             return
+        if self._parts is _NONE:
+            self._parts = []
         self._parts.append(data)
 
     def _complete(self) -> None:
@@ -321,13 +324,10 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         method = parser.get_method()
+        # A list made for this request, or the shared empty one (never appended to).
         req = Request(self, _METHODS.get(method) or method.decode("ascii", "replace"), self._url.decode("latin-1"),
                       parser.get_http_version(), self._headers, self._head_bytes,
-                      parser.should_keep_alive(), self._body_exists)
-        if self._connection:
-            req.connection = self._connection
-        if self._noted:
-            req.noted = self._noted
+                      parser.should_keep_alive(), self._body_exists, self._connection or _NONE, self._noted)
         self.parsing = req if req.body_exists else None
         if not self.keep_alive:
             return                      # closing: a request after the last one is not answered
@@ -371,8 +371,10 @@ class _Connection(asyncio.Protocol):
                 log.exception("unexpected error handling %s %s", req.method, req.path)
                 reply = Reply(500, [JSON_HEADER], json_error_body("internal error"), "bad_request")
             if req._state == 0:
-                self.write(self.head(req, reply.status, reply.headers, len(reply.body),
-                                     self.keep(req), False, reply.body))
+                data = self.head(req, reply.status, reply.headers, len(reply.body), self.keep(req), False,
+                                 reply.body)
+                if not self.closed:
+                    self.transport.write(data)  # type: ignore[union-attr]   # set before any request
             elif req._state == 1:       # a handler that started an answer and left it
                 req.abort()
             req = self._done()
@@ -394,7 +396,7 @@ class _Connection(asyncio.Protocol):
 
     def head(self, req: Request, status: int, headers: Iterable[Header], length: int | None,
              keep: bool, chunked: bool, body: bytes = b"") -> bytes:
-        parts = [status_line(status)]
+        parts = [_STATUS_LINES.get(status) or status_line(status)]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         if status in _NO_BODY_STATUSES or status < 200:

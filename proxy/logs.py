@@ -86,13 +86,11 @@ class AccessLog:
 
     @property
     def enabled(self) -> bool:
-        return self.on and self.logger.isEnabledFor(logging.INFO) and not self.logger.disabled
+        return self.on and self.logger.isEnabledFor(logging.INFO)     # False too when the logger is disabled
 
-    def _ts(self, now: float) -> str:
-        second = int(now)
-        if second != self._second:
-            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return self._stamp + _MILLIS[int((now - second) * 1000)]
+    def _new_second(self, second: int) -> None:
+        """The timestamp's text up to the second, made once a second."""
+        self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
     def _what(self, key: tuple[str | None, str | None, str, str, int]) -> str:
         """The fields of a JSON line fixed by app, method, path and status: made
@@ -122,7 +120,11 @@ class AccessLog:
             # JSON string escaper per call.
             key = (app, appid, method, path, status)
             what = self._whats.get(key) or self._what(key)
-            line = (f'{{"ts": "{self._ts(now)}", "level": "info", "logger": "proxy.access", {what}'
+            second = int(now)
+            if second != self._second:
+                self._new_second(second)
+            line = (f'{{"ts": "{self._stamp}{_MILLIS[int((now - second) * 1000)]}", "level": "info", '
+                    f'"logger": "proxy.access", {what}'
                     f'"request_id": {_json_str(request_id)}, '
                     f'"errcode": {"null" if errcode is None else errcode}, '
                     f'"replayed": {"true" if replayed else "false"}, "duration_s": {duration}}}\n')

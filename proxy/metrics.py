@@ -10,8 +10,8 @@ base units). What a user alerts on:
 """
 from __future__ import annotations
 
-import bisect
 import time
+from bisect import bisect_left as _bisect_left
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -88,14 +88,24 @@ class Family:
         return "".join(lines)
 
 
+class _AppCalls:
+    """One app's calls: counts by outcome, the duration histogram's buckets
+    (then +Inf) and the sum of durations."""
+
+    __slots__ = ("by_outcome", "buckets", "seconds")
+
+    def __init__(self) -> None:
+        self.by_outcome: dict[str, int] = {}
+        self.buckets = [0] * (len(CALL_BUCKETS) + 1)
+        self.seconds = 0.0
+
+
 class Metrics:
     def __init__(self) -> None:
-        # Per-call figures are kept in plain dicts (a dict increment per call,
-        # no lock) and written as wts_calls_total and wts_call_duration_seconds
-        # at scrape time.
-        self.call_counts: dict[tuple[str, str], int] = {}
-        self.call_buckets: dict[str, list[int]] = {}   # per app: counts per bucket, then +Inf
-        self.call_sums: dict[str, float] = {}
+        # Per-call figures are kept in plain Python objects, one per app (a
+        # few increments per call, no lock) and written as wts_calls_total and
+        # wts_call_duration_seconds at scrape time.
+        self.calls: dict[str, _AppCalls] = {}
         self.fetches = Family("wts_token_fetches", "Token fetches from WeChat, by app, api and result "
                               "(ok, credential, transient, quota, rate_limit)", "counter", ("app", "api", "result"))
         self.refreshes = Family("wts_token_refreshes", "Token refreshes started, by reason "
@@ -110,14 +120,13 @@ class Metrics:
         self._store: "TokenStore | None" = None
 
     def observe_call(self, app: str, outcome: str, seconds: float) -> None:
-        key = (app, outcome)
-        self.call_counts[key] = self.call_counts.get(key, 0) + 1
-        buckets = self.call_buckets.get(app)
-        if buckets is None:
-            buckets = self.call_buckets[app] = [0] * (len(CALL_BUCKETS) + 1)
-            self.call_sums[app] = 0.0
-        buckets[bisect.bisect_left(CALL_BUCKETS, seconds)] += 1
-        self.call_sums[app] += seconds
+        calls = self.calls.get(app)
+        if calls is None:
+            calls = self.calls[app] = _AppCalls()
+        counts = calls.by_outcome
+        counts[outcome] = counts.get(outcome, 0) + 1
+        calls.buckets[_bisect_left(CALL_BUCKETS, seconds)] += 1
+        calls.seconds += seconds
 
     def watch(self, managers: dict[str, "TokenManager"], store: "TokenStore") -> None:
         self._managers, self._store = managers, store
@@ -147,8 +156,9 @@ class Metrics:
             usable.labels(name).set(1.0 if manager.state.usable(now) else 0.0)
         parts += (expires.render(), usable.render())
         calls = Family("wts_calls", "Calls forwarded, by app and outcome", "counter", ("app", "outcome"))
-        for (app, outcome), count in self.call_counts.items():
-            calls.labels(app, outcome).set(count)
+        for app, per_app in self.calls.items():
+            for outcome, count in per_app.by_outcome.items():
+                calls.labels(app, outcome).set(count)
         parts.append(calls.render())
         parts.append(self._histogram())
         errors = Family("wts_store_errors", "Errors talking to the shared token store", "counter", ())
@@ -159,11 +169,11 @@ class Metrics:
     def _histogram(self) -> str:
         name = "wts_call_duration_seconds"
         lines = [_header(name, "Time to answer a proxied call, replay included", "histogram")]
-        for app, counts in sorted(self.call_buckets.items()):
+        for app, per_app in sorted(self.calls.items()):
             running = 0
-            for bound, count in zip((*CALL_BUCKETS, float("inf")), counts, strict=True):
+            for bound, count in zip((*CALL_BUCKETS, float("inf")), per_app.buckets, strict=True):
                 running += count
                 lines.append(f'{name}_bucket{{app="{_escape(app)}",le="{_value(bound)}"}} {_value(running)}\n')
             lines.append(f'{name}_count{{app="{_escape(app)}"}} {_value(running)}\n')
-            lines.append(f'{name}_sum{{app="{_escape(app)}"}} {_value(self.call_sums[app])}\n')
+            lines.append(f'{name}_sum{{app="{_escape(app)}"}} {_value(per_app.seconds)}\n')
         return "".join(lines)

@@ -169,7 +169,9 @@ class _Connection(asyncio.Protocol):
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.header_kinds = pool.header_kinds      # the pool's, shared
         self.response: Response | None = None
+        self._relay: list[tuple[bytes, bytes]] = []   # the response's relay_headers
         self.closed = False
         self.received_any = False
         self.interim = False
@@ -206,30 +208,31 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        response = self.response
-        assert response is not None
-        kind = self.pool.header_kinds.get(name)
-        if kind is None:
-            kind = self.pool.header_kind(name)
+        # The usual kinds first: this runs for every header of every answer.
+        kind = self.header_kinds.get(name)
         if kind is _RELAY:
-            response.relay_headers.append((name, value))
+            self._relay.append((name, value))
         elif kind is _LENGTH:
             try:
-                response.content_length = int(value)
+                self.response.content_length = int(value)  # type: ignore[union-attr]
             except ValueError:
                 pass
         elif kind is _TYPE:
-            response.content_type = value.lower()
-            response.relay_headers.append((name, value))
+            self.response.content_type = value.lower()  # type: ignore[union-attr]
+            self._relay.append((name, value))
+        elif kind is _DROP:
+            pass
         elif kind is _ENCODING:
-            response.content_encoding = value.strip().lower()
-            response.relay_headers.append((name, value))
+            self.response.content_encoding = value.strip().lower()  # type: ignore[union-attr]
+            self._relay.append((name, value))
+        else:                                        # a spelling not seen before: learn it, look again
+            self.pool.header_kind(name)
+            self.on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        response = self.response
-        assert response is not None
+        response: Response = self.response  # type: ignore[assignment]   # parsing only while one is expected
         status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
+        if status < 200 and status >= 100 and status != 101:
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.
             self.interim = True
             response.relay_headers.clear()
@@ -238,8 +241,9 @@ class _Connection(asyncio.Protocol):
             return
         response.status = status
         response.keep_alive = self.parser.should_keep_alive()
-        if not response.headers_done.done():
-            response.headers_done.set_result(None)
+        done = response.headers_done
+        if not done.done():
+            done.set_result(None)
         if response.head_only:
             # A HEAD answer has no body whatever Content-Length says; the
             # parser would wait for one, so this connection is not reused.
@@ -247,8 +251,7 @@ class _Connection(asyncio.Protocol):
             response._finish()
 
     def on_body(self, body: bytes) -> None:
-        assert self.response is not None
-        self.response._feed(body)
+        self.response._feed(body)  # type: ignore[union-attr]   # parsing only while one is expected
 
     def on_message_complete(self) -> None:
         if self.interim:
@@ -287,17 +290,18 @@ class _Connection(asyncio.Protocol):
     def start(self, request: bytes, head_only: bool) -> Response:
         # The parser carries over: a connection is reused only after an
         # answer it parsed to the end (never after HEAD; see on_headers_complete).
-        self.response = Response(self, head_only)
+        response = self.response = Response(self, head_only)
+        self._relay = response.relay_headers
         self.received_any = False
         self.deadline = self.loop.time() + self.pool.timeout
-        assert self.transport is not None
-        self.transport.write(request)
-        return self.response
+        self.transport.write(request)  # type: ignore[union-attr]   # a connection is made before it starts
+        return response
 
     def done(self, response: Response, reusable: bool) -> None:
         if self.response is response:
             self.response = None
-        self.resume()
+        if self._paused:
+            self.resume()
         self.pool._give_back(self, reusable and not self.closed)
 
 
@@ -341,8 +345,9 @@ class UpstreamPool:
             kind = _DROP
         else:
             kind = {b"content-type": _TYPE, b"content-encoding": _ENCODING}.get(lower, _RELAY)
-        if len(self.header_kinds) < 256:
-            self.header_kinds[name] = kind
+        if len(self.header_kinds) >= 256:          # bounded: odd spellings start it over
+            self.header_kinds.clear()
+        self.header_kinds[name] = kind             # always kept: on_header looks again
         return kind
 
     def _sweeping(self) -> None:
@@ -406,10 +411,12 @@ class UpstreamPool:
                 response = conn.start(data, head_only)
                 done = response.headers_done
                 try:
-                    if not done.done():
-                        self._sweeping()       # the sweep enforces the timeout
+                    if done.done():
+                        done.result()          # raises what failed it
+                    else:
+                        if self._sweep_timer is None:
+                            self._sweeping()   # the sweep enforces the timeout
                         await done
-                    done.result()
                     return response
                 except UpstreamTimeout:
                     raise
@@ -452,7 +459,10 @@ class UpstreamPool:
         self._free += 1
 
     def _give_back(self, conn: _Connection, reusable: bool) -> None:
-        self._release_slot()
+        if self._line:
+            self._release_slot()
+        else:
+            self._free += 1
         if reusable and len(self._idle) < self._max_idle:
             self._idle.append(conn)
         else:

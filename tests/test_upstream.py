@@ -259,3 +259,34 @@ async def test_an_interim_100_continue_is_skipped():
     finally:
         pool.close()
         server.close()
+
+
+async def test_header_spellings_beyond_the_kept_bound_are_all_read_right():
+    """The pool learns what to do with each header spelling (bounded at 256,
+    then it starts over): 600 spellings across answers, odd cases of the
+    names that matter among them, are each relayed, dropped or read."""
+    async def many(request: web.Request) -> web.Response:
+        n = int(request.query["n"])
+        resp = web.Response(body=b"{}", content_type="application/json")
+        resp.headers[f"X-Spelling-{n}"] = str(n)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/many", many)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    pool = UpstreamPool(f"http://127.0.0.1:{port}", 5, drop=[b"connection", b"keep-alive"])
+    try:
+        for n in range(600):
+            resp = await pool.request("GET", f"/many?n={n}", [], b"")
+            relayed = dict(resp.relay_headers)
+            assert relayed[f"X-Spelling-{n}".encode()] == str(n).encode()
+            assert resp.content_length == 2 and resp.content_type.startswith(b"application/json")
+            assert not any(name.lower() in (b"content-length", b"connection") for name in relayed)
+            assert await body_of(resp) == b"{}"
+            assert len(pool.header_kinds) <= 256
+    finally:
+        pool.close()
+        await runner.cleanup()
