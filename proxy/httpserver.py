@@ -324,10 +324,14 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         method = parser.get_method()
-        # A list made for this request, or the shared empty one (never appended to).
+        keep_alive = parser.should_keep_alive()
+        # Kept alive with no Connection header is HTTP/1.1 (1.0 closes by
+        # default); httptools formats the version text anew on every ask.
+        version = "1.1" if keep_alive and not self._connection else parser.get_http_version()
+        # self._connection: a list made for this request, or the shared empty one.
         req = Request(self, _METHODS.get(method) or method.decode("ascii", "replace"), self._url.decode("latin-1"),
-                      parser.get_http_version(), self._headers, self._head_bytes,
-                      parser.should_keep_alive(), self._body_exists, self._connection or _NONE, self._noted)
+                      version, self._headers, self._head_bytes, keep_alive, self._body_exists,
+                      self._connection or _NONE, self._noted)
         self.parsing = req if req.body_exists else None
         if not self.keep_alive:
             return                      # closing: a request after the last one is not answered

@@ -154,6 +154,21 @@ async def test_http_1_0_closes_unless_keep_alive_is_asked_for(serve):
     writer.close()
 
 
+@pytest.mark.parametrize("head, version", [
+    (b"GET /v HTTP/1.1\r\nHost: x\r\n\r\n", "1.1"),
+    (b"GET /v HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "1.1"),
+    (b"GET /v HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n", "1.1"),
+    (b"GET /v HTTP/1.0\r\n\r\n", "1.0"),
+    (b"GET /v HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", "1.0"),
+])
+async def test_the_handler_sees_the_request_s_http_version(serve, head, version):
+    served = await serve()
+    reader, writer = await served.open()
+    writer.write(head)
+    assert json.loads((await read_answer(reader))[2])["version"] == version
+    writer.close()
+
+
 async def test_connection_close_is_honoured(serve):
     served = await serve()
     reader, writer = await served.open()
