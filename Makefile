@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check venv clean bench soak
+.PHONY: demo test check venv clean bench bench-instructions soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ clean:
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# Instructions per proxied call under callgrind (~40 s): repeatable, for A/B of code changes.
+bench-instructions: $(STAMP)
+	$(PY) bench/instructions.py
 
 # The long soak (2 minutes of mixed calls with rotating tokens); `make test` runs a short one.
 soak: $(STAMP)
