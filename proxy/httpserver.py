@@ -232,6 +232,7 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0
         self._body_exists = False
         self._connection: list[bytes] = []
+        self._keep_alive_asked = False           # a Connection or Proxy-Connection header came
         self._noted: dict[bytes, bytes] = _NO_NOTES
 
     # -- asyncio.Protocol
@@ -292,6 +293,7 @@ class _Connection(asyncio.Protocol):
         self._body_exists = False
         if self._connection:
             self._connection = []
+        self._keep_alive_asked = False
         if self._noted:
             self._noted = _NO_NOTES
 
@@ -316,6 +318,9 @@ class _Connection(asyncio.Protocol):
                 self._body_exists = True
             elif lower == b"connection":
                 self._connection.append(value)
+                self._keep_alive_asked = True
+            elif lower == b"proxy-connection":      # llhttp reads it as Connection
+                self._keep_alive_asked = True
             elif lower in self.server.noted and lower not in self._noted:
                 if self._noted is _NO_NOTES:
                     self._noted = {}
@@ -325,9 +330,9 @@ class _Connection(asyncio.Protocol):
         parser = self.parser
         method = parser.get_method()
         keep_alive = parser.should_keep_alive()
-        # Kept alive with no Connection header is HTTP/1.1 (1.0 closes by
-        # default); httptools formats the version text anew on every ask.
-        version = "1.1" if keep_alive and not self._connection else parser.get_http_version()
+        # Kept alive with no (Proxy-)Connection header is HTTP/1.1 (1.0 closes
+        # by default); httptools formats the version text anew on every ask.
+        version = "1.1" if keep_alive and not self._keep_alive_asked else parser.get_http_version()
         # self._connection: a list made for this request, or the shared empty one.
         req = Request(self, _METHODS.get(method) or method.decode("ascii", "replace"), self._url.decode("latin-1"),
                       version, self._headers, self._head_bytes, keep_alive, self._body_exists,
@@ -519,7 +524,7 @@ class HttpServer:
         # Request headers (lower-case names) whose first value each request
         # carries in `Request.noted`, read while parsing: no search per call.
         self.noted = frozenset(noted)
-        self.name_lengths = frozenset({10, 14, 17} | {len(name) for name in self.noted})
+        self.name_lengths = frozenset({10, 14, 16, 17} | {len(name) for name in self.noted})
         self.idle_timeout = idle_timeout
         self.body_timeout = body_timeout
         self.max_body = max_body

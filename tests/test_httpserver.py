@@ -160,6 +160,7 @@ async def test_http_1_0_closes_unless_keep_alive_is_asked_for(serve):
     (b"GET /v HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n", "1.1"),
     (b"GET /v HTTP/1.0\r\n\r\n", "1.0"),
     (b"GET /v HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", "1.0"),
+    (b"GET /v HTTP/1.0\r\nProxy-Connection: keep-alive\r\n\r\n", "1.0"),   # llhttp keeps it alive too
 ])
 async def test_the_handler_sees_the_request_s_http_version(serve, head, version):
     served = await serve()
