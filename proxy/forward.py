@@ -268,7 +268,7 @@ class Forwarder:
             request_id = (given[:64].decode("latin-1") if given else "") or \
                 f"{self._id_prefix}-{next(self._ids):x}"
             access.call(app_name, appid, request_id, request.method, request.path, response.status,
-                             errcode, replayed_from is not None, duration)
+                        errcode, replayed_from is not None, duration)
         return response
 
     async def _handle(self, request: Request, app: App, path: str) -> _Result:
