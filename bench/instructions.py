@@ -18,7 +18,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -69,9 +68,8 @@ def main() -> int:
             out_file = tmp / "callgrind.out"
             cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}",
                    bench.PY, "-m", "proxy", "run", "--config", str(path)]
-            sidecar = subprocess.Popen(bench.pinned(cmd, 0), cwd=bench.ROOT, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
-            try:
+            # Under valgrind the sidecar takes a while to stop: it writes its counts then.
+            with bench.process(bench.pinned(cmd, 0), stop_wait=60, cwd=bench.ROOT) as sidecar:
                 bench.wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=120)
                 url = f"http://127.0.0.1:{port}/cgi-bin/user/info?openid=o1"
                 bench.wrk(url, 4, 3)                                   # warm-up, not counted
@@ -80,13 +78,6 @@ def main() -> int:
                 res = bench.wrk(url, 4, args.seconds)
                 subprocess.run(["callgrind_control", "-i", "off", str(sidecar.pid)], check=True,
                                capture_output=True)
-            finally:
-                sidecar.send_signal(signal.SIGTERM)
-                try:
-                    sidecar.wait(60)
-                except subprocess.TimeoutExpired:
-                    sidecar.kill()
-                    sidecar.wait()
             deadline = time.monotonic() + 10
             while not out_file.exists() and time.monotonic() < deadline:
                 time.sleep(0.1)

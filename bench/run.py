@@ -101,7 +101,8 @@ def pinned(args: list[str], cpu: int) -> list[str]:
 
 
 @contextmanager
-def process(args: list[str], **kw) -> Iterator[subprocess.Popen[bytes]]:
+def process(args: list[str], stop_wait: float = 10, **kw) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that gets SIGTERM on the way out, and SIGKILL after `stop_wait` s."""
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
     try:
         yield proc
@@ -109,7 +110,7 @@ def process(args: list[str], **kw) -> Iterator[subprocess.Popen[bytes]]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(10)
+                proc.wait(stop_wait)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -76,6 +76,23 @@ def mini_app_yaml(token_api: str = "client_credential") -> str:
 """
 
 
+async def wait_ready(session: aiohttp.ClientSession, admin_url: str, timeout: float,
+                     alive: Callable[[], None]) -> bool:
+    """Poll /readyz until 200 (True) or the timeout (False); `alive` raises
+    when what is being waited for has gone."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive()
+        try:
+            async with session.get(f"{admin_url}/readyz") as resp:
+                if resp.status == 200:
+                    return True
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.02)
+    return False
+
+
 async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     """Poll instead of sleeping a fixed time: done as soon as it holds."""
     loop = asyncio.get_running_loop()
@@ -131,19 +148,12 @@ class SidecarProcess:
         return self.proc.pid
 
     async def wait_ready(self, admin_url: str, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
+        def alive() -> None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sidecar exited {self.proc.returncode}: {self.output()}")
         async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"sidecar exited {self.proc.returncode}: {self.output()}")
-                try:
-                    async with session.get(f"{admin_url}/readyz") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"sidecar not ready in {timeout} s: {self.output()}")
+            if not await wait_ready(session, admin_url, timeout, alive):
+                raise AssertionError(f"sidecar not ready in {timeout} s: {self.output()}")
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():

@@ -18,7 +18,7 @@ import pytest
 
 from proxy.simulator import media_bytes
 
-from .conftest import APPID, ROOT, SECRET, free_port, sidecar_yaml, wait_until
+from .conftest import APPID, ROOT, SECRET, free_port, sidecar_yaml, wait_ready, wait_until
 
 MIB = 1024 * 1024
 
@@ -315,16 +315,9 @@ async def test_what_start_up_made_is_kept_out_of_garbage_collection(sim, http):
     assert gc.get_freeze_count() == 0
     task = asyncio.create_task(serve(cfg))
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            assert time.monotonic() < deadline and not task.done(), "not ready in time"
-            try:
-                async with http.get(f"http://127.0.0.1:{admin}/readyz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.02)
+        def alive() -> None:
+            assert not task.done(), task
+        assert await wait_ready(http, f"http://127.0.0.1:{admin}", 10, alive)
         assert gc.get_freeze_count() > 10_000
         async with http.get(f"http://127.0.0.1:{port}/cgi-bin/user/info?openid=o") as resp:
             assert resp.status == 200
