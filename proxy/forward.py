@@ -262,7 +262,7 @@ class Forwarder:
             if replayed_from is not None:
                 self.metrics.replays.labels(app_name, str(replayed_from)).inc()
         access = self.access
-        if access.on and access.logger.isEnabledFor(logging.INFO):     # AccessLog.enabled, inline
+        if access.enabled:
             # The request id only ever appears in the access line.
             given = request.noted.get(b"x-request-id")
             request_id = (given[:64].decode("latin-1") if given else "") or \
