@@ -108,8 +108,9 @@ def sidecar_error(status: int, why: str, headers: dict[str, str] | None = None,
 _OUTCOME_BY_STATUS = {502: "upstream_unreachable", 504: "upstream_timeout", 503: "no_token"}
 
 
-# Request limits answered with JSON before anything is forwarded. aiohttp's own
-# parser limits sit above these (server.py) and answer a bare 400 beyond them.
+# Request limits answered with JSON before anything is forwarded. The proxy
+# port's server has hard limits above these (httpserver.py: JSON 414/431,
+# and the connection closed).
 MAX_URL_BYTES = 8192          # like nginx's large_client_header_buffers 8k
 MAX_HEADER_COUNT = 100        # like Apache's LimitRequestFields
 MAX_HEADER_BYTES = 32 * 1024
@@ -315,7 +316,7 @@ class Forwarder:
                         token: Token | None, manager: TokenManager | None, app: App, path: str,
                         raw_query: str) -> _Result:
         """Send; on a token errcode (with a token), invalidate it and replay once."""
-        pool = self.pools.get(app.upstream) or self._pool(app)
+        pool = self.pools.get(app.upstream) or self._new_pool(app)
         refresh_codes = self.refresh_codes[app.name]
         method = request.method
         try:
@@ -408,11 +409,10 @@ class Forwarder:
 
     # ------------------------------------------------------------ upstream
 
-    def _pool(self, app: App) -> UpstreamPool:
-        pool = self.pools.get(app.upstream)
-        if pool is None:
-            pool = self.pools[app.upstream] = UpstreamPool(app.upstream, self.config.upstream.timeout_s,
-                                                           UPSTREAM_POOL_LIMIT, drop=HOP_BY_HOP_BYTES)
+    def _new_pool(self, app: App) -> UpstreamPool:
+        """The pool for an upstream no call has used yet."""
+        pool = self.pools[app.upstream] = UpstreamPool(app.upstream, self.config.upstream.timeout_s,
+                                                       UPSTREAM_POOL_LIMIT, drop=HOP_BY_HOP_BYTES)
         return pool
 
     @staticmethod

@@ -380,10 +380,8 @@ class _Connection(asyncio.Protocol):
                 log.exception("unexpected error handling %s %s", req.method, req.path)
                 reply = Reply(500, [JSON_HEADER], json_error_body("internal error"), "bad_request")
             if req._state == 0:
-                data = self.head(req, reply.status, reply.headers, len(reply.body), self.keep(req), False,
-                                 reply.body)
-                if not self.closed:
-                    self.transport.write(data)  # type: ignore[union-attr]   # set before any request
+                self.write(self.head(req, reply.status, reply.headers, len(reply.body), self.keep(req), False,
+                                     reply.body))
             elif req._state == 1:       # a handler that started an answer and left it
                 req.abort()
             req = self._done()

@@ -23,8 +23,6 @@ import httptools
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
-
-
 # What on_header does with a header (see UpstreamPool.header_kind).
 _RELAY, _DROP, _LENGTH, _TYPE, _ENCODING = "relay", "drop", "length", "type", "encoding"
 
@@ -159,8 +157,6 @@ class Response:
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(UpstreamTimeout("upstream timed out"))
-
-
 
 
 class _Connection(asyncio.Protocol):
@@ -404,36 +400,30 @@ class UpstreamPool:
             await self._wait_for_slot()
         head_only = method == "HEAD"
         try:
-            while self._idle:
-                conn = self._idle.pop()
-                if conn.closed:
+            while True:
+                conn = self._idle.pop() if self._idle else None
+                if conn is not None and conn.closed:
                     continue
+                reused = conn is not None
+                if conn is None:
+                    conn = await self._connect()
                 response = conn.start(data, head_only)
                 done = response.headers_done
                 try:
                     if done.done():
                         done.result()          # raises what failed it
                     else:
-                        if self._sweep_timer is None:
-                            self._sweeping()   # the sweep enforces the timeout
+                        self._sweeping()       # the sweep enforces the timeout
                         await done
                     return response
                 except UpstreamTimeout:
                     raise
                 except UpstreamError:
-                    if conn.received_any:
+                    if not reused or conn.received_any:
                         raise
                     # The idle connection had been closed by the upstream before
                     # our request reached it: nothing was processed, send again.
                     conn.close()
-            conn = await self._connect()
-            response = conn.start(data, head_only)
-            done = response.headers_done
-            if not done.done():
-                self._sweeping()
-                await done
-            done.result()
-            return response
         except BaseException:
             self._release_slot()
             raise
