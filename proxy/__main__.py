@@ -87,8 +87,11 @@ listen: {{host: 127.0.0.1, port: {port}}}
 admin:  {{host: 127.0.0.1, port: {admin_port}}}
 upstream: {{base_url: "http://127.0.0.1:{sim_port}", timeout_s: 5}}
 log: {{level: info, format: text}}
+# min_refresh_interval_s 0: the printed curl lines may run back to back
+# (a rotation, then an admin refresh); real configs keep the 1 s default.
 apps:
-  - {{name: mp, appid: {DEMO_APPID}, secret: {DEMO_SECRET}, token_api: stable, refresh_before_s: 240}}
+  - {{name: mp, appid: {DEMO_APPID}, secret: {DEMO_SECRET}, token_api: stable, refresh_before_s: 240,
+      min_refresh_interval_s: 0}}
 """, "<demo>", env={})
     try:
         running = await start_sidecar(cfg)

@@ -3,6 +3,7 @@ refresh interface. Nothing here ever answers a token or a secret."""
 from __future__ import annotations
 
 import hmac
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -11,7 +12,7 @@ from aiohttp import web
 from .config import is_loopback
 from .httpserver import json_error_body
 from .metrics import CONTENT_TYPE
-from .tokens import TokenUnavailable
+from .tokens import RefreshThrottled, TokenUnavailable
 from .tokens.store import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -26,6 +27,22 @@ def admin_error(status: int, why: str) -> web.Response:
     """The admin port's errors, in the same JSON shape as the proxy port's."""
     return web.Response(status=status, body=json_error_body(why),
                         headers={"Content-Type": "application/json; charset=utf-8"})
+
+
+def bearer_matches(header: str | None, token: str) -> bool:
+    """`Authorization: Bearer <token>`, the scheme in any case (RFC 9110
+    §11.1), compared in constant time. Anything else, non-ASCII bytes
+    included, is simply not a match."""
+    if not header:
+        return False
+    scheme, _, given = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    try:
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return False
+    return hmac.compare_digest(given_bytes, token.encode("utf-8"))
 
 
 class AdminRoutes:
@@ -59,21 +76,36 @@ class AdminRoutes:
             answers.append(status)
         return web.json_response({"apps": answers})
 
+    @web.middleware
+    async def guard(self, request: web.Request, handler) -> web.StreamResponse:
+        """Every /admin/ endpoint, GET included, needs the bearer when
+        admin.token is set (/admin/apps names appids and failure reasons);
+        without a token, changes are refused beyond loopback. Probes
+        (/healthz, /readyz) and scrapers (/metrics) carry no secret."""
+        if request.path.startswith("/admin/"):
+            admin = self.sidecar.config.admin      # read per request: a reload may change it
+            if admin.token:
+                if not bearer_matches(request.headers.get("Authorization"), admin.token):
+                    response = admin_error(401, "admin token required (Authorization: Bearer ...)")
+                    response.headers["WWW-Authenticate"] = 'Bearer realm="wechat-token-sidecar"'
+                    return response
+            elif request.method not in ("GET", "HEAD") and not is_loopback(admin.host):
+                return admin_error(403, "admin.token is empty and admin listens beyond loopback: "
+                                        f"{request.method} refused; set admin.token")
+        return await handler(request)
+
     async def refresh(self, request: web.Request) -> web.Response:
-        admin = self.sidecar.config.admin
-        if admin.token:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {admin.token}".encode()):
-                return admin_error(401, "admin token required (Authorization: Bearer ...)")
-        elif not is_loopback(admin.host):
-            return admin_error(403, "admin.token is empty and admin listens beyond loopback: "
-                                      "POST refused; set admin.token")
         name = request.query.get("app") or self.sidecar.config.apps[0].name
         manager = self.sidecar.managers.get(name)
         if manager is None:
             return admin_error(404, f"unknown app {name[:64]!r}")
         try:
             token = await manager.refresh_now()
+        except RefreshThrottled as exc:
+            # The token is still served: not an outage, a "not yet".
+            response = admin_error(429, str(exc))
+            response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+            return response
         except TokenUnavailable as exc:
             return admin_error(503, str(exc))
         return web.json_response({"app": name, "expires_in": int(token.remaining(time.monotonic())),
@@ -84,7 +116,7 @@ class AdminRoutes:
         return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.guard])
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)

@@ -24,11 +24,13 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 # life (wechat-api-notes.md §1.2), so the default proactive margin sits inside it.
 DEFAULT_REFRESH_BEFORE_S = 240
 
-# Refreshes forced by rejected tokens refill at one per this many seconds
-# after a burst (see proxy/tokens/policy.py, FORCED_BURST), so a flood of
-# 40001 (another system rotating the token in a loop) becomes a trickle of
-# fetches; the daily fetch cap (store.daily_fetch_cap) is the hard limit.
-DEFAULT_MIN_REFRESH_INTERVAL_S = 30.0
+# Refreshes forced by rejected tokens are at least this far apart while they
+# help; futile ones (a token rejected before it served a call) back off
+# exponentially from there (proxy/tokens/policy.py). A second keeps a storm
+# of 40001 from becoming a storm of fetches, yet follows another system that
+# rotates the token every few seconds; the daily fetch cap
+# (store.daily_fetch_cap) is the hard limit.
+DEFAULT_MIN_REFRESH_INTERVAL_S = 1.0
 
 # Token fetches per credential per day across the cluster: well under the
 # 2000 a day of /cgi-bin/token (wechat-api-notes.md §3).
@@ -64,6 +66,7 @@ RESERVED_APP_NAMES = frozenset({
     "product", "intracity", "express", "scan", "mall", "shop", "channels",
     "wxopen", "componenttcb", "cv", "marketing", "device", "poi", "media",
     "admin", "healthz", "readyz", "metrics",
+    "sidecar",   # the sidecar's own root on the proxy port (DESIGN.md)
 })
 
 APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -89,6 +92,9 @@ class Listen:
     host: str
     port: int
     allow_non_loopback: bool = False
+    # Host names the proxy port answers besides loopback and `host` (a
+    # node-wide sidecar reached by a name); anything else is a 403.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -330,6 +336,20 @@ def _check_redis_url(url: str, file: str, key: str) -> None:
         raise ConfigError(file, key, f"not a valid Redis URL: {str(exc).split(' as ')[0]}") from None
 
 
+def _host_list(file: str) -> Callable[[Any, str], tuple[str, ...]]:
+    def conv(value: Any, key: str) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise ConfigError(file, key, f"must be a list of host names, got {_type_name(value)}")
+        hosts = []
+        for i, item in enumerate(value):
+            host = _str(file)(item, f"{key}[{i}]").strip().lower()
+            if not re.match(r"^(\[[0-9a-f:.]+\]|[a-z0-9._-]+|[0-9a-f:]+)$", host):
+                raise ConfigError(file, f"{key}[{i}]", f"must be a host name or address without port, got {item!r}")
+            hosts.append(host)
+        return tuple(hosts)
+    return conv
+
+
 def _url(file: str) -> Callable[[Any, str], str]:
     def conv(value: Any, key: str) -> str:
         text = _str(file)(value, key).rstrip("/")
@@ -374,6 +394,7 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
         host=listen_s.get("host", _str(file), "127.0.0.1"),
         port=listen_s.get("port", _number(file, int, 0, 65535), 8080),
         allow_non_loopback=listen_s.get("allow_non_loopback", _bool(file), False),
+        allowed_hosts=listen_s.get("allowed_hosts", _host_list(file), ()),
     )
     listen_s.done()
     if not is_loopback(listen.host) and not listen.allow_non_loopback:

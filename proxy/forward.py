@@ -6,6 +6,7 @@ request -> route -> token -> upstream -> answer
 from __future__ import annotations
 
 import functools
+import ipaddress
 import itertools
 import json
 import logging
@@ -93,7 +94,38 @@ SIDECAR_ERRCODE_HEADER = "X-Sidecar-Upstream-Errcode"
 
 # Request headers the proxy port's server notes while parsing (Request.noted),
 # so that no call searches its headers for them.
-NOTED_HEADERS = (b"x-wechat-app", b"x-request-id")
+NOTED_HEADERS = (b"x-wechat-app", b"x-request-id", b"host", b"origin", b"sec-fetch-site")
+
+# The proxy port is a loopback service (DESIGN.md, "Proxy port: who may call
+# it"): a Host naming anything else is a browser led there by DNS rebinding.
+LOOPBACK_NAMES = frozenset({"localhost"})
+
+# The sidecar's own root on the proxy port: never forwarded.
+SIDECAR_ROOT = "/sidecar"
+
+
+def host_of(authority: str) -> str | None:
+    """The host of a Host value or an Origin's authority (port dropped,
+    lower case); None when it is not of that form."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        host, bracket, rest = authority[1:].partition("]")
+        if not bracket or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return None
+        return host
+    host, colon, port = authority.partition(":")
+    if colon and not port.isdigit():
+        return None
+    return host or None
+
+
+def is_loopback_host(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def sidecar_error(status: int, why: str, headers: dict[str, str] | None = None,
@@ -150,6 +182,10 @@ def check_request(request: Request) -> Reply | None:
     if request.method == "CONNECT":
         return sidecar_error(405, "CONNECT is not supported: this is not a forward proxy",
                              outcome="bad_request")
+    if request.method == "TRACE":
+        # TRACE echoes the request, headers and all, back (RFC 9110 §9.3.8):
+        # nothing WeChat offers needs it.
+        return sidecar_error(405, "TRACE is not supported", outcome="bad_request")
     raw = request.target
     if raw[:1] != "/":
         return sidecar_error(400, "absolute-form or malformed request target: send the path only, "
@@ -215,6 +251,10 @@ class Forwarder:
         self.default_app = config.apps[0]
         self.refresh_codes = {app.name: config.refresh_errcodes_for(app) for app in config.apps}
         self.no_token_prefixes = NO_TOKEN_PREFIXES + config.no_token_paths
+        # The hosts a Host or Origin may name: loopback, listen.host, listen.allowed_hosts.
+        self.allowed_hosts = frozenset({config.listen.host.lower().strip("[]"),
+                                        *(h.lower().strip("[]") for h in config.listen.allowed_hosts)})
+        self._host_verdicts: dict[bytes, bool] = {}   # by the raw Host value; bounded
         self.metrics = metrics or Metrics()
         # Request ids: a per-process random prefix and a counter (uuid4 per
         # call cost 4 % of the proxy's CPU).
@@ -247,9 +287,39 @@ class Forwarder:
 
     # ------------------------------------------------------------ entry point
 
+    def allowed_host(self, value: bytes) -> bool:
+        verdict = self._host_verdicts.get(value)
+        if verdict is None:
+            host = host_of(value.decode("latin-1"))
+            verdict = host is not None and (host in self.allowed_hosts or is_loopback_host(host))
+            if len(self._host_verdicts) >= 64:
+                self._host_verdicts.clear()
+            self._host_verdicts[value] = verdict
+        return verdict
+
+    def check_caller(self, request: Request) -> Reply | None:
+        """Refuse what a web page could make a browser send (DNS rebinding, CSRF)."""
+        noted = request.noted
+        host = noted.get(b"host")
+        if host is not None and not self.allowed_host(host):
+            return sidecar_error(403, f"Host {host[:64].decode('latin-1')!r} is not this sidecar: the proxy port "
+                                      "serves loopback names and listen.host / listen.allowed_hosts only",
+                                 outcome="forbidden")
+        origin = noted.get(b"origin")
+        if origin is not None:
+            scheme, sep, authority = origin.decode("latin-1").partition("://")
+            if not sep or scheme.lower() not in ("http", "https") or not self.allowed_host(authority.encode("latin-1")):
+                return sidecar_error(403, "cross-site Origin refused: the proxy port is not for web pages",
+                                     outcome="forbidden")
+        fetch_site = noted.get(b"sec-fetch-site")
+        if fetch_site is not None and fetch_site.strip().lower() == b"cross-site":
+            return sidecar_error(403, "cross-site request refused (Sec-Fetch-Site: cross-site)",
+                                 outcome="forbidden")
+        return None
+
     async def handle(self, request: Request) -> Reply:
         started = _monotonic()
-        routed = check_request(request) or self.route(request)
+        routed = check_request(request) or self.check_caller(request) or self.route(request)
         if isinstance(routed, Reply):
             response, errcode, replayed_from = routed, None, None
             app_name = appid = None
@@ -274,6 +344,8 @@ class Forwarder:
 
     async def _handle(self, request: Request, app: App, path: str) -> _Result:
         manager = self.managers[app.name]
+        if path.startswith(SIDECAR_ROOT) and (len(path) == len(SIDECAR_ROOT) or path[len(SIDECAR_ROOT)] == "/"):
+            return sidecar_error(404, f"no sidecar endpoint {path[:128]}", outcome="bad_request"), None, None
         if request.body_exists:
             refused = self._continue(request)
             if refused is not None:
@@ -326,7 +398,10 @@ class Forwarder:
             return exc.response, None, None
 
         replayed_from = None
-        if token is not None and manager is not None and errcode in refresh_codes:
+        if token is not None and manager is not None and errcode not in refresh_codes:
+            if not manager.state.served:
+                manager.mark_served(token.value)     # this token helped: refreshing it was worth it
+        elif token is not None and manager is not None:
             # Token error: invalidate exactly the token we used, replay once.
             first_code = errcode
             resp.release()
@@ -342,7 +417,10 @@ class Forwarder:
                                                                          refresh_codes)
             except _UpstreamFailed as exc:
                 return exc.response, None, replayed_from
-            if errcode in refresh_codes:
+            if errcode not in refresh_codes:
+                if not manager.state.served:
+                    manager.mark_served(fresh.value)
+            else:
                 # A second token failure. Never hand 40001/42001/40014 back by
                 # default: SDKs would fetch a token themselves and rotate
                 # everyone's (DESIGN.md).
@@ -358,10 +436,10 @@ class Forwarder:
             return Reply(resp.status, resp.relay_headers, head), errcode, replayed_from
         return await self._relay(request, resp, head, complete), errcode, replayed_from
 
-    @staticmethod
-    def _continue(request: Request) -> Reply | None:
+    def _continue(self, request: Request) -> Reply | None:
         """Answer `Expect: 100-continue` before reading the body (clients such
-        as libcurl otherwise wait a second per upload)."""
+        as libcurl otherwise wait a second per upload); a body announced over
+        the limit is refused at once instead, never invited."""
         if request.version != "1.1":
             return None
         expect = request.header(b"expect")
@@ -369,6 +447,10 @@ class Forwarder:
             return None
         if expect.lower() != "100-continue":
             return sidecar_error(417, f"unsupported Expect: {expect[:64]}", outcome="bad_request")
+        length = request.header(b"content-length")
+        limit = self.config.max_body_bytes
+        if length is not None and length.strip().isdigit() and int(length) > limit:
+            return sidecar_error(413, f"request body over {limit} bytes", outcome="bad_request")
         request.send_continue()
         return None
 
@@ -431,9 +513,11 @@ class Forwarder:
         its errcode; a large one (it cannot be a token error) is left to stream."""
         try:
             resp = await pool.request(method, target, headers, body)
-        except UpstreamTimeout:
-            raise _UpstreamFailed(sidecar_error(
-                504, f"upstream timed out after {self.config.upstream.timeout_s:g} s")) from None
+        except UpstreamTimeout as exc:
+            why = f"upstream timed out after {self.config.upstream.timeout_s:g} s"
+            if "free" in str(exc):
+                why += f": {exc}"
+            raise _UpstreamFailed(sidecar_error(504, why)) from None
         except UpstreamError as exc:
             raise _UpstreamFailed(sidecar_error(502, str(exc))) from None
         length = resp.content_length

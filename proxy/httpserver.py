@@ -9,8 +9,16 @@ One connection handles one request at a time; pipelined requests wait
 their turn (reading pauses meanwhile). A connection with no request in
 hand is closed after `idle_timeout`: an idle keep-alive connection and a
 client that dribbles its headers (slowloris) alike. Request heads are
-bounded (a JSON 431 and the connection closed beyond the hard limits),
-bodies by `max_body`, and a body must arrive within `body_timeout`.
+bounded as their raw bytes arrive (a JSON 431 and the connection closed
+beyond the hard limits), bodies by `max_body`, and a body must arrive
+within `body_timeout`. A client that stops reading its answer is cut off
+after `send_timeout` without progress (nginx's `send_timeout`).
+
+Strictness follows RFC 9112 and h11 where llhttp is more lenient: only
+`HTTP/1.0` and `HTTP/1.1` request lines (llhttp also takes HTTP/0.9's
+version-less line and `HTTP/2.0`), exactly one Host in HTTP/1.1, no
+transfer coding but `chunked`, trailers read and discarded (RFC 9110 §6.5.1,
+as nginx does), and a `#fragment` never part of the target.
 """
 from __future__ import annotations
 
@@ -28,9 +36,22 @@ import httptools
 log = logging.getLogger("proxy.httpserver")
 
 # Hard limits of a request head; the forwarder answers JSON 414/431 well
-# below them (forward.py). Beyond these the head is not even kept.
+# below them (forward.py). Beyond these the head is not even kept. The
+# bytes are counted as they arrive, before httptools has a complete line
+# (an endless header line once grew to 67 MiB): h11 stops at 16 KiB of an
+# incomplete head (`max_incomplete_event_size`), nginx at 4 x 8 KiB
+# (`large_client_header_buffers`); 64 KiB leaves room above the forwarder's
+# own 8 KiB URL and 32 KiB header limits. Trailers have the same bound.
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEAD_COUNT = 256
+
+# After refusing a request whose bytes are still coming, the connection is
+# half-closed and what arrives is read and dropped for a while before the
+# close: closing with unread bytes makes the kernel send a reset, which can
+# destroy the refusal before the client reads it (nginx's `lingering_close`,
+# with its `lingering_timeout` of 5 s; ours is shorter, and bounded in bytes).
+LINGER_S = 2.0
+LINGER_BYTES = 1024 * 1024
 
 Header = tuple[bytes, bytes]
 JSON_HEADER: Header = (b"Content-Type", b"application/json; charset=utf-8")
@@ -38,7 +59,12 @@ _NONE: list[bytes] = []                # shared, never appended to
 _NO_NOTES: dict[bytes, bytes] = {}     # shared, never written to
 
 # Method names as text, decoded once (others are decoded as they come).
-_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT")}
+_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT",
+                                     "TRACE")}
+
+# The only request versions served (RFC 9112 §2.3: HTTP/1.x); `HTTP/2.0` in a
+# request line is 505, anything else (HTTP/0.9's line without a version) 400.
+_VERSIONS = frozenset({"1.0", "1.1"})
 
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -234,6 +260,14 @@ class _Connection(asyncio.Protocol):
         self._connection: list[bytes] = []
         self._keep_alive_asked = False           # a Connection or Proxy-Connection header came
         self._noted: dict[bytes, bytes] = _NO_NOTES
+        self._hosts = 0                          # Host headers seen
+        self._te: bytes | None = None            # Transfer-Encoding, all values joined
+        # Raw bytes received since the last body byte, head completed or
+        # request completed: a head (or trailers) growing without bound.
+        self._in_head = True                     # a head is expected or being parsed
+        self._raw = 0
+        self._refused = False                    # a request was refused: linger, then close
+        self._discard = 0                        # > 0: lingering, bytes still to drop
 
     # -- asyncio.Protocol
 
@@ -245,21 +279,37 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._discard:
+            self._discard -= len(data)
+            if self._discard <= 0:
+                self.close()
+            return
+        self._raw += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # CONNECT, or Upgrade with `Connection: upgrade`: the request is
             # answered (CONNECT with a 405), then the connection closes.
             self._no_more_requests()
+            return
         except httptools.HttpParserCallbackError as exc:
             refused = exc.__context__
-            if isinstance(refused, _HeadTooLarge):
+            if isinstance(refused, _Refused):
                 self._refuse(refused.status, str(refused))
             else:
                 log.error("request parser callback failed: %r", refused)
                 self._refuse(400, "malformed request")
+            return
         except httptools.HttpParserError as exc:
             self._refuse(400, f"malformed request ({exc.__class__.__name__})")
+            return
+        if self._raw > MAX_HEAD_BYTES and self.keep_alive:
+            # httptools holds an incomplete header line until its CRLF comes:
+            # refuse before it grows (defect seen: 67 MiB of one endless line).
+            if self._in_head:
+                self._refuse(431, f"request head over {MAX_HEAD_BYTES} bytes")
+            else:
+                self._refuse(400, f"request trailers over {MAX_HEAD_BYTES} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -291,6 +341,9 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._head_bytes = 0
         self._body_exists = False
+        self._in_head = True
+        self._hosts = 0
+        self._te = None
         if self._connection:
             self._connection = []
         self._keep_alive_asked = False
@@ -301,21 +354,28 @@ class _Connection(asyncio.Protocol):
         self._url += url
         self._head_bytes += len(url)
         if self._head_bytes > MAX_HEAD_BYTES:
-            raise _HeadTooLarge(f"URL over {MAX_HEAD_BYTES} bytes", status=414)
+            raise _Refused(f"URL over {MAX_HEAD_BYTES} bytes", status=414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # A trailer (after a chunked body): read and dropped, never
+            # forwarded (RFC 9110 §6.5.1); its bytes count in `_raw`.
+            return
         self._headers.append((name, value))
         self._head_bytes += len(name) + len(value)
         if self._head_bytes > MAX_HEAD_BYTES:
-            raise _HeadTooLarge(f"request head over {MAX_HEAD_BYTES} bytes")
+            raise _Refused(f"request head over {MAX_HEAD_BYTES} bytes")
         if len(self._headers) > MAX_HEAD_COUNT:
-            raise _HeadTooLarge(f"more than {MAX_HEAD_COUNT} request headers")
+            raise _Refused(f"more than {MAX_HEAD_COUNT} request headers")
         if len(name) in self.server.name_lengths:     # only names of these lengths matter here
             lower = name.lower()
+            if lower == b"host":
+                self._hosts += 1
             if lower == b"content-length":
                 self._body_exists = value.strip() not in (b"0", b"")
             elif lower == b"transfer-encoding":
                 self._body_exists = True
+                self._te = value if self._te is None else self._te + b"," + value
             elif lower == b"connection":
                 self._connection.append(value)
                 self._keep_alive_asked = True
@@ -328,13 +388,32 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
+        self._in_head = False
+        self._raw = 0
         method = parser.get_method()
         keep_alive = parser.should_keep_alive()
-        # Kept alive with no (Proxy-)Connection header is HTTP/1.1 (1.0 closes
-        # by default); httptools formats the version text anew on every ask.
+        # Kept alive with no (Proxy-)Connection header is HTTP/1.1 (llhttp
+        # refuses 1.2 and above; 1.0, 0.9 and 2.0 close by default); httptools
+        # formats the version text anew on every ask.
         version = "1.1" if keep_alive and not self._keep_alive_asked else parser.get_http_version()
+        if version not in _VERSIONS:
+            if version == "2.0":
+                raise _Refused("HTTP/2.0 request line: only HTTP/1.0 and HTTP/1.1 are served", status=505)
+            raise _Refused("malformed request line: it must be method, target and HTTP/1.x", status=400)
+        if self._hosts != 1 and (self._hosts or version == "1.1"):
+            raise _Refused("an HTTP/1.1 request needs exactly one Host header" if self._hosts == 0
+                           else "more than one Host header", status=400)
+        if self._te is not None:
+            if version == "1.0":
+                raise _Refused("Transfer-Encoding in an HTTP/1.0 request", status=400)
+            if self._te.strip().lower() != b"chunked":
+                # RFC 9112 §6.1: a coding the server does not understand is 501.
+                raise _Refused("only Transfer-Encoding: chunked is supported", status=501)
+        url = self._url
+        if b"#" in url:
+            url = url.partition(b"#")[0]     # a fragment is the client's own (RFC 9110 §4.2.5)
         # self._connection: a list made for this request, or the shared empty one.
-        req = Request(self, _METHODS.get(method) or method.decode("ascii", "replace"), self._url.decode("latin-1"),
+        req = Request(self, _METHODS.get(method) or method.decode("ascii", "replace"), url.decode("latin-1"),
                       version, self._headers, self._head_bytes, keep_alive, self._body_exists,
                       self._connection or _NONE, self._noted)
         self.parsing = req if req.body_exists else None
@@ -347,10 +426,13 @@ class _Connection(asyncio.Protocol):
             self._pause_reading()
 
     def on_body(self, body: bytes) -> None:
+        self._raw = 0
         if self.parsing is not None:
             self.parsing._feed(body)
 
     def on_message_complete(self) -> None:
+        self._in_head = True
+        self._raw = 0
         if self.parsing is not None:
             self.parsing._complete()
             self.parsing = None
@@ -382,6 +464,13 @@ class _Connection(asyncio.Protocol):
             if req._state == 0:
                 self.write(self.head(req, reply.status, reply.headers, len(reply.body), self.keep(req), False,
                                      reply.body))
+                if self.write_paused:
+                    # A client that pipelines and never reads: take no further
+                    # request until it reads this answer (or is cut off).
+                    try:
+                        await self.drain()
+                    except ConnectionResetError:
+                        pass
             elif req._state == 1:       # a handler that started an answer and left it
                 req.abort()
             req = self._done()
@@ -433,7 +522,10 @@ class _Connection(asyncio.Protocol):
                 self.idle_since = self.loop.time()
                 self._resume_reading()
                 return None
-            self.close()
+            if self._refused:
+                self._linger_close()
+            else:
+                self.close()
             return None
         if self.pipeline:
             self.current = self.pipeline.popleft()
@@ -460,13 +552,29 @@ class _Connection(asyncio.Protocol):
         """A request the parser cannot take: answer it if nothing else is
         being answered, and close; otherwise just close after the current one."""
         self._no_more_requests()
+        self._refused = True
         if self.parsing is not None:
             self.parsing._fail(BodyError(400, "malformed request body"))
         if self.current is None and not self.pipeline:
             body = json_error_body(why)
             self.write(b"".join((status_line(status), JSON_HEADER[0], b": ", JSON_HEADER[1], b"\r\n",
                                  b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body), body)))
+            self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Send what is written and a FIN, drop what still comes in (up to
+        LINGER_BYTES, for LINGER_S at most), then close."""
+        transport = self.transport
+        if self.closed or transport is None:
+            return
+        try:
+            transport.write_eof()
+        except (NotImplementedError, OSError, RuntimeError):
             self.close()
+            return
+        self._discard = LINGER_BYTES
+        self._resume_reading()
+        self.loop.call_later(LINGER_S, self.close)
 
     def _no_more_requests(self) -> None:
         self.keep_alive = False
@@ -476,15 +584,33 @@ class _Connection(asyncio.Protocol):
     # -- transport
 
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
+        if not self.closed and not self._discard and self.transport is not None:
             self.transport.write(data)
 
     async def drain(self) -> None:
+        """Wait until the client has read enough of what was written; a client
+        that reads nothing for `send_timeout` is cut off (its upstream
+        connection is then given back by whoever was streaming to it)."""
         if self.write_paused and not self.closed:
-            self._drain = self.loop.create_future()
-            await self._drain
+            drain = self._drain = self.loop.create_future()
+            timer = self.loop.call_later(self.server.send_timeout, self._stalled, drain)
+            try:
+                await drain
+            finally:
+                timer.cancel()
         if self.closed:
             raise ConnectionResetError("the client went away")
+
+    def _stalled(self, drain: asyncio.Future[None]) -> None:
+        if drain.done() or self.closed:
+            return
+        log.warning("client read nothing for %g s: connection closed", self.server.send_timeout,
+                    extra={"event": "client_stalled"})
+        self.keep_alive = False
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()          # what is buffered would never be read
+        drain.set_result(None)
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and not self.closed and self.transport is not None:
@@ -506,7 +632,9 @@ class _Connection(asyncio.Protocol):
             self.close()
 
 
-class _HeadTooLarge(Exception):
+class _Refused(Exception):
+    """Raised in a parser callback: answer `status` with `why`, then close."""
+
     def __init__(self, why: str, status: int = 431):
         super().__init__(why)
         self.status = status
@@ -517,13 +645,15 @@ class HttpServer:
     finish within the grace, then cuts what is left."""
 
     def __init__(self, handler: Handler, *, idle_timeout: float, body_timeout: float, max_body: int,
-                 noted: Iterable[bytes] = ()):
+                 noted: Iterable[bytes] = (), send_timeout: float | None = None):
         self.handler = handler
         # Request headers (lower-case names) whose first value each request
         # carries in `Request.noted`, read while parsing: no search per call.
         self.noted = frozenset(noted)
-        self.name_lengths = frozenset({10, 14, 16, 17} | {len(name) for name in self.noted})
+        self.name_lengths = frozenset({4, 10, 14, 16, 17} | {len(name) for name in self.noted})
         self.idle_timeout = idle_timeout
+        # A write that makes no progress this long ends the connection.
+        self.send_timeout = idle_timeout if send_timeout is None else send_timeout
         self.body_timeout = body_timeout
         self.max_body = max_body
         self.loop = asyncio.get_running_loop()

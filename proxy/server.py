@@ -185,6 +185,7 @@ def build_proxy_server(sidecar: Sidecar) -> HttpServer:
 
     # idle_timeout also closes a connection that never completes a request (slowloris).
     return HttpServer(handle, idle_timeout=cfg.client_timeout_s, body_timeout=cfg.client_timeout_s,
+                      send_timeout=cfg.client_timeout_s,
                       max_body=cfg.max_body_bytes, noted=NOTED_HEADERS)
 
 

@@ -23,8 +23,25 @@ import httptools
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
+# An answer's head is bounded like a request's (httpserver.py): its raw
+# bytes as they arrive, before httptools has a whole line, and its header
+# count. Beyond either the answer is a 502 and the connection is closed.
+MAX_ANSWER_HEAD_BYTES = 64 * 1024
+MAX_ANSWER_HEADERS = 256
+
+# An idle keep-alive connection older than this is closed rather than reused:
+# the upstream may be closing it just as a request is written (nginx's
+# `keepalive_timeout` is 75 s by default, aiohttp's server's too), and a
+# request that may not be sent twice cannot be retried after that race.
+IDLE_REUSE_S = 30.0
+
+# Methods a stale pooled connection may be retried for (RFC 9110 §9.2.2:
+# safe, so idempotent). WeChat's calls are GET and POST; a POST is never
+# sent twice (urllib3 and Go's transport decide the same way).
+RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
 # What on_header does with a header (see UpstreamPool.header_kind).
-_RELAY, _DROP, _LENGTH, _TYPE, _ENCODING = "relay", "drop", "length", "type", "encoding"
+_RELAY, _DROP, _LENGTH, _TYPE, _ENCODING, _CONNECTION = "relay", "drop", "length", "type", "encoding", "connection"
 
 
 class UpstreamError(Exception):
@@ -159,6 +176,16 @@ def _expire(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(UpstreamTimeout("upstream timed out"))
 
 
+def _line_expired(waiter: asyncio.Future[None], timeout: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamTimeout(
+            f"no upstream connection free within {timeout:g} s (every one is busy)"))
+
+
+class _BadAnswer(Exception):
+    """Raised in a parser callback: the answer is refused (502), the connection closed."""
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, pool: "UpstreamPool"):
         self.pool = pool
@@ -173,6 +200,10 @@ class _Connection(asyncio.Protocol):
         self.interim = False
         self._paused = False
         self.deadline = 0.0            # for the answer's headers; see UpstreamPool._sweep
+        self.idle_since = 0.0
+        self._raw = 0                  # bytes of the answer's head so far
+        self._headers = 0
+        self._connection: list[bytes] = []   # the answer's Connection header values
 
     # -- asyncio.Protocol
 
@@ -182,15 +213,25 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
-        if self.response is None:
+        response = self.response
+        if response is None:
             self.close()                               # bytes nobody asked for
             return
+        head = not response.headers_done.done()
+        if head:
+            self._raw += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._broken("upstream switched protocols")
+        except httptools.HttpParserCallbackError as exc:
+            self._broken(str(exc.__context__) if isinstance(exc.__context__, _BadAnswer)
+                         else "unreadable answer from upstream")
         except httptools.HttpParserError as exc:
             self._broken(f"unreadable answer from upstream ({exc.__class__.__name__})")
+        else:
+            if head and self._raw > MAX_ANSWER_HEAD_BYTES and not response.headers_done.done():
+                self._broken(f"upstream answer head over {MAX_ANSWER_HEAD_BYTES} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -203,7 +244,18 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks
 
+    def on_message_begin(self) -> None:
+        response = self.response
+        if response is None or response.complete:
+            # Bytes after a whole answer, with no request outstanding: the
+            # connection's framing can no longer be trusted (h11 and aiohttp
+            # refuse it too), so it is closed, never pooled.
+            raise _BadAnswer("upstream sent bytes after a complete answer")
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers += 1
+        if self._headers > MAX_ANSWER_HEADERS:
+            raise _BadAnswer(f"upstream answer with more than {MAX_ANSWER_HEADERS} headers")
         # The usual kinds first: this runs for every header of every answer.
         kind = self.header_kinds.get(name)
         if kind is _RELAY:
@@ -221,6 +273,8 @@ class _Connection(asyncio.Protocol):
         elif kind is _ENCODING:
             self.response.content_encoding = value.strip().lower()  # type: ignore[union-attr]
             self._relay.append((name, value))
+        elif kind is _CONNECTION:
+            self._connection.append(value)
         else:                                        # a spelling not seen before: learn it, look again
             self.pool.header_kind(name)
             self.on_header(name, value)
@@ -234,7 +288,14 @@ class _Connection(asyncio.Protocol):
             response.relay_headers.clear()
             response.content_length = None
             response.content_type = response.content_encoding = b""
+            self._connection.clear()
             return
+        if self._connection:
+            # Headers the upstream named in Connection are for this hop only
+            # (RFC 9110 §7.6.1): never relayed.
+            named = {token.strip().lower() for value in self._connection for token in value.split(b",")}
+            response.relay_headers[:] = [h for h in response.relay_headers if h[0].lower() not in named]
+            self._connection.clear()
         response.status = status
         response.keep_alive = self.parser.should_keep_alive()
         done = response.headers_done
@@ -288,6 +349,7 @@ class _Connection(asyncio.Protocol):
         # answer it parsed to the end (never after HEAD; see on_headers_complete).
         response = self.response = Response(self, head_only)
         self._relay = response.relay_headers
+        self._raw = self._headers = 0
         self.received_any = False
         self.deadline = self.loop.time() + self.pool.timeout
         self.transport.write(request)  # type: ignore[union-attr]   # a connection is made before it starts
@@ -337,6 +399,8 @@ class UpstreamPool:
         lower = name.lower()
         if lower == b"content-length":
             kind = _LENGTH          # never relayed: written for the bytes actually sent
+        elif lower == b"connection":
+            kind = _CONNECTION      # never relayed; the names it lists are dropped too
         elif lower in self.drop:
             kind = _DROP
         else:
@@ -399,11 +463,10 @@ class UpstreamPool:
         else:
             await self._wait_for_slot()
         head_only = method == "HEAD"
+        retry = method in RETRYABLE_METHODS
         try:
             while True:
-                conn = self._idle.pop() if self._idle else None
-                if conn is not None and conn.closed:
-                    continue
+                conn = self._idle_connection()
                 reused = conn is not None
                 if conn is None:
                     conn = await self._connect()
@@ -419,26 +482,55 @@ class UpstreamPool:
                 except UpstreamTimeout:
                     raise
                 except UpstreamError:
-                    if not reused or conn.received_any:
+                    # A pooled connection the upstream closed as the request
+                    # went out: a safe request is sent once more, on a new
+                    # connection; any other may have been processed already.
+                    if not (retry and reused) or conn.received_any:
                         raise
-                    # The idle connection had been closed by the upstream before
-                    # our request reached it: nothing was processed, send again.
+                    retry = False
                     conn.close()
+                    self._drop_idle()
         except BaseException:
             self._release_slot()
             raise
 
+    def _idle_connection(self) -> _Connection | None:
+        """The most recently used idle connection still worth reusing."""
+        oldest = self.loop.time() - IDLE_REUSE_S
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and conn.idle_since >= oldest:
+                return conn
+            conn.close()
+        return None
+
+    def _drop_idle(self) -> None:
+        """After one pooled connection proved stale, the others (idle as
+        long or longer) likely are too: a retry goes to a new connection."""
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
     async def _wait_for_slot(self) -> None:
+        """Wait in line for a connection slot, at most the upstream timeout
+        (then UpstreamTimeout, a 504): a queue that cannot move is an answer."""
         waiter = self.loop.create_future()
         self._line.append(waiter)
+        timer = self.loop.call_later(self.timeout, _line_expired, waiter, self.timeout)
         try:
             await waiter
+        except UpstreamTimeout:
+            if waiter in self._line:
+                self._line.remove(waiter)
+            raise
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self._release_slot()          # handed a slot, but gone: pass it on
             elif waiter in self._line:
                 self._line.remove(waiter)
             raise
+        finally:
+            timer.cancel()
 
     def _release_slot(self) -> None:
         while self._line:
@@ -454,6 +546,7 @@ class UpstreamPool:
         else:
             self._free += 1
         if reusable and len(self._idle) < self._max_idle:
+            conn.idle_since = self.loop.time()
             self._idle.append(conn)
         else:
             conn.close()

@@ -82,23 +82,40 @@ async def test_readyz_names_the_reason_when_not_ready(sim, make_sidecar, http):
 
 
 async def test_admin_refresh_fetches_once_even_when_ten_ask_at_once(sim, make_sidecar, http):
-    sc = await make_sidecar(min_refresh_interval_s=60)
+    sc = await make_sidecar(min_refresh_interval_s=0)
+    sim.settings.token_latency_s = 0.05          # a real fetch takes a while: the asks overlap it
+    await asyncio.sleep(1)                        # a second after the start-up fetch, as operators do
     before = sim.fetch_count()
-    async with http.post(f"{sc.admin}/admin/refresh?app=mp") as resp:
-        assert resp.status == 200
-        body = await resp.json()
-    assert body["app"] == "mp" and body["expires_in"] > 7000 and "access_token" not in body
-    assert sim.fetch_count() == before + 1
 
-    async def refresh() -> int:
+    async def refresh() -> tuple[int, dict]:
         async with http.post(f"{sc.admin}/admin/refresh?app=mp") as r:
-            return r.status
+            return r.status, await r.json()
 
-    statuses = await asyncio.gather(*(refresh() for _ in range(10)))
-    assert statuses == [200] * 10
-    assert sim.fetch_count() == before + 2
+    answers = await asyncio.gather(*(refresh() for _ in range(10)))
+    assert [status for status, _ in answers] == [200] * 10, answers
+    assert sim.fetch_count() == before + 1        # ten asks, one fetch
+    body = answers[0][1]
+    assert body["app"] == "mp" and body["expires_in"] > 7000 and "access_token" not in body
+    # and ten more right behind them share that refresh too
+    answers = await asyncio.gather(*(refresh() for _ in range(10)))
+    assert [status for status, _ in answers] == [200] * 10 and sim.fetch_count() == before + 1
     async with http.post(f"{sc.admin}/admin/refresh?app=nope") as resp:
         assert resp.status == 404
+
+
+async def test_admin_refresh_beyond_the_forced_refresh_spacing_is_429_with_retry_after(sim, make_sidecar, http):
+    sc = await make_sidecar(min_refresh_interval_s=30)
+    async with http.post(f"{sc.admin}/admin/refresh?app=mp") as resp:
+        assert resp.status == 200
+    await asyncio.sleep(0.6)                      # past the coalescing window
+    before = sim.fetch_count()
+    async with http.post(f"{sc.admin}/admin/refresh?app=mp") as resp:
+        assert resp.status == 429
+        assert 29 <= int(resp.headers["Retry-After"]) <= 30
+        assert "still served" in (await resp.json())["errmsg"]
+    assert sim.fetch_count() == before
+    async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:   # the token is still served
+        assert (await resp.json())["errcode"] == 0
 
 
 async def test_admin_refresh_needs_the_bearer_token_when_set(sim, make_sidecar, http):
@@ -158,3 +175,37 @@ async def test_metrics_move_as_calls_fetches_and_replays_happen(sim, make_sideca
     assert metric(after, "wts_call_duration_seconds_count", app="mp") == 4
     for secret in [SECRET, *sim.issued_tokens()]:
         assert secret not in after
+
+
+async def test_every_admin_endpoint_needs_the_bearer_when_set_and_probes_never_do(sim, make_sidecar, http):
+    text = sidecar_yaml(sim.url).replace("admin:  {host: 127.0.0.1, port: 0}",
+                                         'admin:  {host: 127.0.0.1, port: 0, token: "s3cret-admin"}')
+    sc = await make_sidecar(text)
+    refused = [None, "Bearer wrong", "Basic czNjcmV0LWFkbWlu", "s3cret-admin", "Bearer", "Bearer  ",
+               "Bearer s3cret-admin-and-more", "Bearer s3cret-admi"]
+    for value in refused:
+        headers = {"Authorization": value} if value is not None else {}
+        async with http.get(f"{sc.admin}/admin/apps", headers=headers) as resp:
+            assert resp.status == 401, value
+            assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+            body = await resp.json()
+            assert body["errcode"] == -1 and APPID not in json.dumps(body)
+    for scheme in ("Bearer", "bearer", "BEARER"):         # RFC 9110 §11.1: case-insensitive scheme
+        async with http.get(f"{sc.admin}/admin/apps", headers={"Authorization": f"{scheme} s3cret-admin"}) as resp:
+            assert resp.status == 200 and (await resp.json())["apps"][0]["appid"] == APPID
+    for path in ("/healthz", "/readyz", "/metrics"):
+        async with http.get(f"{sc.admin}{path}") as resp:
+            assert resp.status == 200, path
+
+
+async def test_a_non_ascii_authorization_value_is_401_not_500(sim, make_sidecar):
+    text = sidecar_yaml(sim.url).replace("admin:  {host: 127.0.0.1, port: 0}",
+                                         'admin:  {host: 127.0.0.1, port: 0, token: "s3cret-admin"}')
+    sc = await make_sidecar(text)
+    for value in ("Bearer s3cr\u00e9t".encode("utf-8"), b"Bearer \xff\xfe", "Bearer 令牌".encode("utf-8")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.admin_port)
+        writer.write(b"GET /admin/apps HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: " + value +
+                     b"\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]

@@ -11,7 +11,7 @@ import pytest
 
 from proxy.forward import NO_TOKEN_TABLE
 
-from .conftest import APPID, APPID2, CORPID, CORPSECRET, SECRET, mini_app_yaml, sidecar_yaml
+from .conftest import APPID, APPID2, CORPID, CORPSECRET, SECRET, mini_app_yaml, sidecar_yaml, wait_until
 
 TOKEN_ERRORS = (40001, 40014, 42001)
 
@@ -74,11 +74,35 @@ async def test_force_refresh_from_callers_is_one_coalesced_refresh(sim, make_sid
     answers = await asyncio.gather(*(force() for _ in range(8)))   # right after a fetch: shared
     assert {a["access_token"] for a in answers} == {old} and sim.fetch_count() == 1
     await asyncio.sleep(2.1)                                       # the token is no longer fresh
+    sim.settings.token_latency_s = 1.0                             # and WeChat is slow today
+    started = asyncio.get_running_loop().time()
     answers = await asyncio.gather(*(force() for _ in range(8)))
-    assert sim.fetch_count() == 2                                  # eight callers, one fetch
-    assert len({a["access_token"] for a in answers}) == 1 and answers[0]["access_token"] != old
+    # answered at once with the valid token; one refresh runs behind them
+    assert asyncio.get_running_loop().time() - started < 0.5
+    assert {a["access_token"] for a in answers} == {old}
+    await wait_until(lambda: sim.fetch_count() == 2)               # eight callers, one fetch
+    new = sc.sidecar.managers["mp"].current().value
+    assert new != old
+    assert (await force())["access_token"] == new                  # then the new token is answered
     assert all(set(a) == {"access_token", "expires_in"} for a in answers)
     assert sim.force_count == {}                                   # never WeChat's force mode
+
+
+async def test_force_refresh_past_the_spacing_is_answered_at_once_with_the_valid_token(sim, make_sidecar, http):
+    sc = await make_sidecar(token_api="client_credential", min_refresh_interval_s=600)
+    manager = sc.sidecar.managers["mp"]
+    token = manager.current()
+    await manager.invalidate(token.value)          # a forced refresh: the next waits 600 s
+    current = manager.current().value
+    await asyncio.sleep(2.1)
+    fetches = sim.fetch_count()
+    started = asyncio.get_running_loop().time()
+    async with http.post(f"{sc.base}/cgi-bin/stable_token", json={
+            "grant_type": "client_credential", "appid": "x", "secret": "y", "force_refresh": True}) as r:
+        answer = await r.json()
+    assert asyncio.get_running_loop().time() - started < 0.5
+    assert answer["access_token"] == current and answer["expires_in"] > 7000
+    assert sim.fetch_count() == fetches
 
 
 @pytest.mark.parametrize("api", ["client_credential", "stable"])

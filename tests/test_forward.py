@@ -332,7 +332,7 @@ async def test_expect_100_continue_is_answered_and_not_forwarded(sim, make_sidec
     sc = await make_sidecar()
     body = b"a" * 2048
     reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
-    writer.write(b"POST /cgi-bin/message/custom/send HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    writer.write(b"POST /cgi-bin/message/custom/send HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                  b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
     await writer.drain()
     interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)   # no 1 s client stall
@@ -351,7 +351,7 @@ async def test_expect_100_continue_is_answered_for_the_local_token_endpoint_too(
     sc = await make_sidecar()
     body = json.dumps({"grant_type": "client_credential", "appid": "x", "secret": "y"}).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
-    writer.write(b"POST /cgi-bin/stable_token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    writer.write(b"POST /cgi-bin/stable_token HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                  b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
     await writer.drain()
     interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)
@@ -367,7 +367,7 @@ async def test_expect_100_continue_is_answered_for_the_local_token_endpoint_too(
 async def test_head_keeps_the_upstream_content_length_and_sends_no_body(sim, make_sidecar):
     sc = await make_sidecar()
     answer = await asyncio.wait_for(_raw_exchange(sc.proxy_port, b"HEAD /cgi-bin/media/get?media_id=H&size=12345 "
-                                                  b"HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"), 5)
+                                                  b"HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"), 5)
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 12345" in head and rest == b""
 
@@ -396,7 +396,7 @@ async def test_a_client_that_leaves_mid_download_frees_its_upstream_slot(sim, ma
     size = 20 * 1024 * 1024
     for _ in range(3):
         reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
-        writer.write(f"GET /cgi-bin/media/get?media_id=GONE&size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        writer.write(f"GET /cgi-bin/media/get?media_id=GONE&size={size} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         got = 0
         while got < 1024 * 1024:                  # take 1 MiB, then hang up
             got += len(await asyncio.wait_for(reader.read(65536), 5))

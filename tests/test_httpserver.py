@@ -46,9 +46,11 @@ async def serve() -> AsyncIterator[Callable[..., Awaitable[Served]]]:
     servers: list[HttpServer] = []
 
     async def start(handler: Handler = echo, *, idle_timeout: float = 5, body_timeout: float = 5,
-                    max_body: int = 1 << 20, noted: tuple[bytes, ...] = ()) -> Served:
+                    max_body: int = 1 << 20, noted: tuple[bytes, ...] = (),
+                    send_timeout: float | None = None) -> Served:
+        extra = {} if send_timeout is None else {"send_timeout": send_timeout}
         server = HttpServer(handler, idle_timeout=idle_timeout, body_timeout=body_timeout, max_body=max_body,
-                            noted=noted)
+                            noted=noted, **extra)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
@@ -401,3 +403,154 @@ def test_requests_cut_anywhere_are_read_the_same(cuts):
     header, the body, a chunk size), the same four answers come back in order."""
     seen = asyncio.run(_send_in_pieces(cuts))
     assert seen == [("/one", ""), ("/two", "hello world"), ("/three", "abcdefgh"), ("/four", "")]
+
+
+# ---------------------------------------------------------------- hostile input (issue: raw-socket attacks)
+
+async def _send_until_answered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               piece: bytes, limit: int) -> int:
+    """Write `piece` again and again until the server answers or closes; the bytes sent by then."""
+    sent = 0
+    while sent < limit:
+        try:
+            writer.write(piece)
+            await writer.drain()
+        except (ConnectionResetError, BrokenPipeError):
+            break
+        sent += len(piece)
+        await asyncio.sleep(0)
+        if reader._buffer or reader.at_eof():            # type: ignore[attr-defined]
+            break
+    return sent
+
+
+@pytest.mark.parametrize("start", [
+    b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: ",                                   # an endless header value
+    b"GET /a HTTP/1.1\r\nHost: x\r\nX-",                                      # an endless header name
+])
+async def test_an_endless_header_line_is_431_once_the_raw_head_passes_the_limit(serve, start):
+    served = await serve()
+    reader, writer = await served.open()
+    writer.write(start)
+    sent = await _send_until_answered(reader, writer, b"a" * 8192, 8 * 1024 * 1024)
+    # Refused while the line is still incomplete: a little over 64 KiB went
+    # in, not the 8 MiB the client was ready to send.
+    assert sent < 256 * 1024, sent
+    status, headers, body = await read_answer(reader)
+    assert status == 431 and "request head over 65536 bytes" in json.loads(body)["errmsg"]
+    assert await closed_by_server(reader)
+
+
+async def test_an_endless_trailer_line_fails_the_body_and_closes(serve):
+    served = await serve()
+    reader, writer = await served.open()
+    writer.write(b"POST /t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: ")
+    sent = await _send_until_answered(reader, writer, b"t" * 8192, 8 * 1024 * 1024)
+    assert sent < 256 * 1024, sent
+    status, _, body = await read_answer(reader)
+    assert status == 400 and b"malformed request body" in body
+    assert await closed_by_server(reader)
+
+
+async def test_trailers_are_read_and_never_become_headers(serve):
+    served = await serve()
+    reader, writer = await served.open()
+    writer.write(b"POST /t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"3\r\nabc\r\n0\r\nX-Trailer: sneaky\r\nHost: evil\r\n\r\n"
+                 b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    seen = json.loads((await read_answer(reader))[2])
+    assert seen["body"] == "abc"
+    assert [name for name, _ in seen["headers"]] == ["Host", "Transfer-Encoding"]
+    assert json.loads((await read_answer(reader))[2])["path"] == "/next"   # the connection goes on
+    writer.close()
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"GET /x\r\n\r\n", 400),                                            # HTTP/0.9 style, no version
+    (b"GET /q?x=a\r\nInjected: 1 HTTP/1.1\r\nHost: x\r\n\r\n", 400),    # a header smuggled into the line
+    (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"GET / HTTP/0.9\r\nHost: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),                                    # HTTP/1.1 without Host
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),              # two Hosts
+    (b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n1\r\na\r\n0\r\n\r\n", 501),
+    # chunked not last: the framing is unknowable (RFC 9112 §6.3), llhttp says 400
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    (b"POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n", 400),
+])
+async def test_request_lines_and_framing_outside_http_1_x_are_refused_before_the_handler(serve, head, status):
+    handled: list[str] = []
+
+    async def record(request: Request) -> Reply:
+        handled.append(request.target)
+        return await echo(request)
+
+    served = await serve(record)
+    reader, writer = await served.open()
+    writer.write(head)
+    got, headers, body = await read_answer(reader)
+    assert got == status and json.loads(body)["errcode"] == -1, body
+    assert handled == []
+    assert await closed_by_server(reader)
+
+
+async def test_http_1_0_without_host_is_served(serve):
+    served = await serve()
+    reader, writer = await served.open()
+    writer.write(b"GET /old HTTP/1.0\r\n\r\n")
+    status, _, body = await read_answer(reader)
+    assert status == 200 and json.loads(body)["path"] == "/old"
+
+
+async def test_a_fragment_never_reaches_the_handler(serve):
+    served = await serve()
+    reader, writer = await served.open()
+    writer.write(b"GET /a?x=1#frag&access_token=t HTTP/1.1\r\nHost: x\r\n\r\nGET /b#f?y=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = json.loads((await read_answer(reader))[2])
+    second = json.loads((await read_answer(reader))[2])
+    assert (first["path"], first["query"]) == ("/a", "x=1")
+    assert (second["path"], second["query"]) == ("/b", "")
+    writer.close()
+
+
+async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(serve):
+    ended: list[str] = []
+
+    async def endless(request: Request) -> Reply:
+        request.start(200, [TEXT], None)
+        try:
+            while True:
+                await request.write(b"z" * 65536)
+        except ConnectionResetError:
+            ended.append("reset")
+            raise
+
+    served = await serve(endless, idle_timeout=5, send_timeout=0.3)
+    reader, writer = await served.open()
+    writer.write(b"GET /download HTTP/1.1\r\nHost: x\r\n\r\n")       # and never read
+    await wait_for(lambda: ended == ["reset"] and not served.server.connections, 5)
+    writer.close()
+
+
+async def test_a_pipelining_client_that_never_reads_gets_no_further_answers_queued(serve):
+    answered: list[str] = []
+
+    async def big(request: Request) -> Reply:
+        answered.append(request.path)
+        return Reply(200, [TEXT], b"b" * (1 << 20))
+
+    served = await serve(big, idle_timeout=5, send_timeout=0.3)
+    reader, writer = await served.open()
+    writer.write(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(200)))
+    await wait_for(lambda: not served.server.connections, 5)
+    # The socket buffers hold a few 1 MiB answers at most; then it was cut off.
+    assert 1 <= len(answered) < 20
+    writer.close()
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)

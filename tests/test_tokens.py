@@ -10,7 +10,7 @@ import pytest
 from proxy.config import App
 from proxy.tokens import FailureKind, Fetched, FetchError, MemoryStore, TokenManager, TokenState, TokenUnavailable
 from proxy.tokens import policy
-from proxy.tokens.policy import FORCED_BURST, classify, retry_delay
+from proxy.tokens.policy import classify, retry_delay
 
 HALF = lambda: 0.5  # noqa: E731  a fixed "random" for exact delays
 
@@ -32,13 +32,15 @@ def test_quota_rate_limit_and_busy_are_classified():
 def test_transient_backoff_doubles_with_jitter_up_to_a_cap():
     delays = [retry_delay(FailureKind.TRANSIENT, -1, n, 0, lambda: 0.999) for n in range(1, 10)]
     assert delays[:4] == pytest.approx([1, 2, 4, 8], rel=0.01)
-    assert max(delays) <= policy.BACKOFF_CAP_S
+    # a long outage costs one try a minute, never a hot loop (WxJava's 1 s, 2 s, 4 s ..., capped)
+    assert max(delays) <= 60 and delays[-1] == pytest.approx(60, rel=0.01)
     low = retry_delay(FailureKind.TRANSIENT, -1, 3, 0, lambda: 0.0)
     assert low == pytest.approx(2.0)  # jitter spans [0.5, 1.0) of the step
 
 
 def test_credential_errors_wait_minutes_and_ip_blocks_wait_their_length():
-    assert retry_delay(FailureKind.CREDENTIAL, 40125, 1, 0, HALF) >= 0.9 * policy.CREDENTIAL_RETRY_S
+    # a bad secret or IP whitelist needs an operator: one try every five minutes
+    assert 270 <= retry_delay(FailureKind.CREDENTIAL, 40125, 1, 0, HALF) <= 300
     assert retry_delay(FailureKind.CREDENTIAL, 89507, 1, 0, HALF) >= 0.9 * 3600
     assert retry_delay(FailureKind.CREDENTIAL, 89506, 1, 0, HALF) >= 0.9 * 86400
 
@@ -97,21 +99,60 @@ def test_a_failure_keeps_the_valid_token_and_sets_the_backoff():
     assert state.next_fetch_at() == pytest.approx(6960.75)
 
 
-def test_forced_refreshes_burst_then_one_per_interval():
-    state = TokenState(240, min_refresh_interval_s=60)
-    state.on_fetched("T1", 7200, now=0)
-    for _ in range(int(FORCED_BURST)):
-        assert state.forced_fetch_at(10) == 10
-        state.spend_forced(10)
-    assert state.forced_fetch_at(10) == pytest.approx(70)
-    assert state.forced_fetch_at(70) == pytest.approx(70)
-    # over a day of constant rejection: at most burst + 86400/60 forced fetches
-    now, spent = 10.0, 0
-    while now < 86400:
+def test_forced_refreshes_that_helped_follow_each_other_after_the_minimum_spacing():
+    """Another system rotates the token every few seconds; each new token
+    serves calls: every rotation is followed by a refresh, a second apart at least."""
+    state = TokenState(240, min_refresh_interval_s=1)
+    now = 0.0
+    state.on_fetched("T0", 7200, now)
+    for n in range(1, 50):
+        state.mark_served(f"T{n - 1}")
+        now += 3                                   # rotated elsewhere every 3 s
+        assert state.reject(f"T{n - 1}")
+        assert state.forced_fetch_at(now) == now    # no wait: the refresh helped last time
+        state.spend_forced(now)
+        state.on_fetched(f"T{n}", 7200, now)
+    state.mark_served("T49")
+    assert state.reject("T49")
+    state.spend_forced(now + 0.2)
+    state.on_fetched("T50", 7200, now + 0.2)
+    state.mark_served("T50")
+    assert state.reject("T50")                     # rotated again at once
+    assert state.forced_fetch_at(now + 0.4) == pytest.approx(now + 1.2)   # the 1 s spacing
+
+
+def test_futile_refreshes_back_off_to_at_most_one_a_minute_within_ten_minutes():
+    """Every new token is rejected before it serves a call (a wrong appid, a
+    loop with another system): the spacing doubles 1, 2, 4 ... s, capped."""
+    state = TokenState(240, min_refresh_interval_s=1)
+    now, fetches = 0.0, [0.0]
+    state.on_fetched("T0", 7200, now)
+    n = 0
+    while now < 3600:
+        assert state.reject(f"T{n}")              # rejected at once, never served
         now = state.forced_fetch_at(now)
         state.spend_forced(now)
-        spent += 1
-    assert spent <= 86400 / 60 + 1
+        n += 1
+        state.on_fetched(f"T{n}", 7200, now)
+        fetches.append(now)
+    gaps = [b - a for a, b in zip(fetches, fetches[1:])]
+    assert gaps[:8] == pytest.approx([0, 2, 4, 8, 16, 32, 64, 128])
+    assert all(b - a >= 60 for a, b in zip(fetches, fetches[1:]) if a >= 600)
+    assert max(gaps) == pytest.approx(300)        # and never longer than five minutes
+    assert len(fetches) < 25                      # an hour of rejection: ~20 fetches, then 12 an hour
+
+
+def test_a_token_that_serves_again_ends_the_backoff():
+    state = TokenState(240, min_refresh_interval_s=1)
+    state.on_fetched("T0", 7200, 0)
+    for n in range(5):                             # five futile rotations
+        state.reject(f"T{n}")
+        state.spend_forced(state.forced_fetch_at(0))
+        state.on_fetched(f"T{n + 1}", 7200, 0)
+    assert state.forced_spacing() == pytest.approx(16)
+    state.mark_served("T5")
+    state.reject("T5")
+    assert state.futile == 0 and state.forced_spacing() == 1
 
 
 # ---------------------------------------------------------------- manager with a scripted fetcher
@@ -226,18 +267,29 @@ async def test_transient_failures_back_off_and_recover(manager_for):
     assert fetcher.calls == 2 and m.current().value == "T2"
 
 
-async def test_forced_refresh_budget_makes_callers_fail_fast(manager_for):
+async def test_a_futile_refresh_makes_callers_fail_fast_instead_of_waiting(manager_for):
     fetcher = ScriptedFetcher()
     m = manager_for(fetcher, min_refresh_interval_s=600)
     token = await m.get()                    # demand fetch: not forced
-    for _ in range(int(FORCED_BURST)):
-        token = await m.invalidate(token.value)
-    assert fetcher.calls == 1 + FORCED_BURST
+    token = await m.invalidate(token.value)  # the first forced refresh goes at once
+    assert fetcher.calls == 2
     started = time.monotonic()
     with pytest.raises(TokenUnavailable, match="next refresh in"):
-        await m.invalidate(token.value)
+        await m.invalidate(token.value)      # T2 served nothing: the next one waits its spacing
     assert time.monotonic() - started < 0.5
-    assert fetcher.calls == 1 + FORCED_BURST
+    assert fetcher.calls == 2
+
+
+async def test_a_token_that_served_calls_is_refreshed_promptly_when_rejected(manager_for):
+    fetcher = ScriptedFetcher()
+    m = manager_for(fetcher, min_refresh_interval_s=0.05)
+    token = await m.get()
+    for _ in range(5):
+        m.mark_served(token.value)
+        started = time.monotonic()
+        token = await m.invalidate(token.value)
+        assert time.monotonic() - started < 1
+    assert fetcher.calls == 6
 
 
 async def test_admin_refresh_overrides_backoff_and_reports_failure(manager_for):

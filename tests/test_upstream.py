@@ -290,3 +290,154 @@ async def test_header_spellings_beyond_the_kept_bound_are_all_read_right():
     finally:
         pool.close()
         await runner.cleanup()
+
+
+# ---------------------------------------------------------------- a malicious or broken upstream
+
+class RawUpstream:
+    """An upstream written with raw sockets: `answer(n, request_bytes)` says
+    what to send back to the n-th request (None: close without answering)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> "RawUpstream":
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                request = head + await reader.readexactly(length)
+                self.requests.append(request)
+                reply = self.answer(len(self.requests), request)
+                if reply is None:
+                    break
+                if isinstance(reply, bytes):
+                    writer.write(reply)
+                else:                                   # an iterator of pieces: stream them
+                    for piece in reply:
+                        writer.write(piece)
+                        await writer.drain()
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError):
+            pass
+        finally:
+            writer.close()
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize("method, sends", [("POST", 1), ("GET", 2)])
+async def test_a_post_is_never_sent_twice_and_a_get_is_retried_once_on_a_new_connection(method, sends):
+    """The upstream answers the first call, then reads every later request
+    whole and closes without answering."""
+    async with RawUpstream(lambda n, req: OK if n == 1 else None) as up:
+        pool = UpstreamPool(f"http://127.0.0.1:{up.port}", 5)
+        try:
+            assert await body_of(await pool.request("GET", "/warm", [], b"")) == b"ok"   # now pooled
+            with pytest.raises(UpstreamError, match="closed the connection"):
+                await pool.request(method, "/cgi-bin/message/custom/send", [], b'{"touser":"o"}')
+            sent = [r for r in up.requests if b"/custom/send" in r]
+            assert len(sent) == sends
+        finally:
+            pool.close()
+
+
+async def test_a_stale_pooled_connection_is_replaced_for_a_get():
+    """The classic race: the upstream drops the pooled connection as the next
+    request arrives; a GET goes again on a new connection and succeeds."""
+    async with RawUpstream(lambda n, req: None if n == 2 else OK) as up:
+        pool = UpstreamPool(f"http://127.0.0.1:{up.port}", 5)
+        try:
+            assert await body_of(await pool.request("GET", "/a", [], b"")) == b"ok"
+            resp = await pool.request("GET", "/b", [], b"")
+            assert resp.status == 200 and await body_of(resp) == b"ok"
+            assert [r.split(b" ")[1] for r in up.requests] == [b"/a", b"/b", b"/b"]
+        finally:
+            pool.close()
+
+
+async def test_bytes_after_a_complete_answer_close_the_connection_and_the_next_call_is_answered():
+    # The first answer is followed by the start of another one nobody asked for.
+    stray = OK + b"HTTP/1.1 200 OK\r\nX-Stray: 1\r\nContent-Length: 5\r\n\r\n"
+    async with RawUpstream(lambda n, req: stray if n == 1 else OK) as up:
+        pool = UpstreamPool(f"http://127.0.0.1:{up.port}", 2)
+        try:
+            resp = await pool.request("GET", "/one", [], b"")
+            assert await body_of(resp) == b"ok"
+            assert b"X-Stray" not in b"".join(name for name, _ in resp.relay_headers)
+            resp = await asyncio.wait_for(pool.request("GET", "/two", [], b""), 3)
+            assert resp.status == 200 and await body_of(resp) == b"ok"
+            assert pool._free == 100 and len(up.requests) == 2
+        finally:
+            pool.close()
+
+
+async def test_an_endless_answer_header_line_is_a_quick_error_with_bounded_reading():
+    def endless(n, req):
+        yield b"HTTP/1.1 200 OK\r\nX-A: "
+        for _ in range(1024):                              # up to 64 MiB, never a CRLF
+            yield b"a" * 65536
+
+    async with RawUpstream(endless) as up:
+        pool = UpstreamPool(f"http://127.0.0.1:{up.port}", 5)
+        try:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(UpstreamError, match="answer head over 65536 bytes"):
+                await pool.request("GET", "/x", [], b"")
+            assert asyncio.get_running_loop().time() - started < 2
+        finally:
+            pool.close()
+
+
+async def test_an_answer_with_thousands_of_headers_is_refused():
+    many = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(5000)) + \
+        b"Content-Length: 2\r\n\r\nok"
+    async with RawUpstream(lambda n, req: many) as up:
+        pool = UpstreamPool(f"http://127.0.0.1:{up.port}", 5)
+        try:
+            with pytest.raises(UpstreamError, match="more than 256 headers"):
+                await pool.request("GET", "/x", [], b"")
+        finally:
+            pool.close()
+
+
+async def test_headers_the_upstream_names_in_connection_are_not_relayed():
+    answer = (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop, x-other\r\nX-Hop: secret\r\n"
+              b"X-Other: 1\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok")
+    async with RawUpstream(lambda n, req: answer) as up:
+        pool = UpstreamPool(f"http://127.0.0.1:{up.port}", 5)
+        try:
+            resp = await pool.request("GET", "/x", [], b"")
+            assert dict(resp.relay_headers) == {b"X-Kept": b"yes"}
+            assert await body_of(resp) == b"ok"
+        finally:
+            pool.close()
+
+
+async def test_waiting_for_a_pool_slot_is_bounded_by_the_upstream_timeout(upstream):
+    pool = UpstreamPool(f"http://127.0.0.1:{upstream}", 0.3, limit=1)
+    held = await pool.request("GET", "/big", [], b"")       # holds the only slot, never read
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(UpstreamTimeout, match="no upstream connection free within 0.3 s"):
+            await pool.request("GET", "/a", [], b"")
+        assert 0.25 < asyncio.get_running_loop().time() - started < 1.5
+        assert not pool._line
+    finally:
+        held.release()
+        pool.close()

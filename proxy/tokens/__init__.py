@@ -1,10 +1,10 @@
 """Tokens: the pure policy, the fetchers, the stores and the manager that joins them."""
 from .fetchers import Fetched, FetchError, make_fetcher
-from .manager import TokenManager, TokenUnavailable
+from .manager import RefreshThrottled, TokenManager, TokenUnavailable
 from .policy import FailureKind, Token, TokenState
 from .store import MemoryStore, TokenStore
 
 __all__ = [
-    "FailureKind", "Fetched", "FetchError", "MemoryStore", "Token", "TokenManager",
+    "FailureKind", "Fetched", "FetchError", "MemoryStore", "RefreshThrottled", "Token", "TokenManager",
     "TokenState", "TokenStore", "TokenUnavailable", "make_fetcher",
 ]

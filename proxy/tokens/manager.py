@@ -31,12 +31,26 @@ MAX_CALLER_WAIT_S = 5.0
 # token: SDKs that all ask at once after one 40001 share one refresh.
 CALLER_REFRESH_COALESCE_S = 2.0
 
+# An operator's (or a business server's) passive refresh asked this soon after
+# a fetch completed gets that fetch's result: ten servers that saw one token
+# rejected and all asked cost one fetch, not one each.
+ADMIN_REFRESH_COALESCE_S = 0.5
+
 # A reader looks for the fetchers' new token this often while it waits.
 READER_POLL_S = 0.05
 
 
 class TokenUnavailable(Exception):
     """No usable token for an app; the message says why, for the operator."""
+
+
+class RefreshThrottled(TokenUnavailable):
+    """A refresh was asked for before the forced-refresh spacing allows one;
+    the current token is still served. `retry_after` is in seconds."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class TokenManager:
@@ -63,6 +77,7 @@ class TokenManager:
         self.on_fetch: Callable[[str], None] = lambda result: None
         self.on_rotated: Callable[[], None] = lambda: None
         self._wake_adopt = False
+        self._admin_refreshed: tuple[Token, float] | None = None   # the last passive refresh: token, when
 
     # ------------------------------------------------------------ lifecycle
 
@@ -144,35 +159,54 @@ class TokenManager:
             self.on_rotated()
             self._wake.set()
 
+    def mark_served(self, value: str) -> None:
+        """A call with `value` succeeded (the forced-refresh policy asks)."""
+        self.state.mark_served(value)
+
     async def refresh_for_caller(self) -> Token:
         """A caller (an SDK's force_refresh) asks for a new token without saying
-        which one failed. Coalesce: share a refresh under way or one that just
-        finished; when the forced-refresh budget is spent, the valid token."""
+        which one failed. While a valid token is held it is answered at once
+        (the sidecar puts its own token on every call anyway); a refresh starts
+        behind it unless one just finished, one is under way, or the
+        forced-refresh spacing says not yet."""
         token = self.current()
-        if token is not None and self.clock() - token.fetched_at < CALLER_REFRESH_COALESCE_S:
-            return token
-        if self._inflight is None and token is not None:
-            self._start_refresh("caller", use_store=False)
-        try:
+        if token is None:
             return await self._wait_for_token("caller")
-        except TokenUnavailable:
-            if token is not None and self.current() is not None:
-                return self.current()  # type: ignore[return-value]
-            raise
+        now = self.clock()
+        if (self._inflight is None and now - token.fetched_at >= CALLER_REFRESH_COALESCE_S
+                and self.state.forced_fetch_at(now) <= now):
+            self._start_refresh("caller", use_store=False)
+        return token
 
     async def refresh_now(self) -> Token:
-        """The passive refresh interface (admin): fetch now, coalesced with any
-        fetch under way; overrides a backoff, not the forced-refresh budget."""
+        """The passive refresh interface (admin): fetch now, coalesced with a
+        fetch under way or one that just finished; overrides a backoff, not
+        the forced-refresh spacing (RefreshThrottled while the token is valid)."""
         before = self.state.token
+        now = self.clock()
         if self._inflight is None:
+            last = self._admin_refreshed
+            if last is not None and last[0] is before and self.state.usable(now) \
+                    and now - last[1] < ADMIN_REFRESH_COALESCE_S:
+                return before                 # a refresh just completed: it is this one's answer
             self.state.clear_backoff()
+            wait = self.state.forced_fetch_at(now) - now
+            if wait > 0 and self.state.usable(now):
+                raise RefreshThrottled(f"app {self.app.name}: refreshed {now - before.fetched_at:.1f} s ago; "  # type: ignore[union-attr]
+                                       f"the next forced refresh is allowed in {wait:.1f} s "
+                                       f"(the current token is still served)", wait)
             self._start_refresh("admin", use_store=False)
+        elif self._inflight_starts_at > now and self.state.usable(now):
+            wait = self._inflight_starts_at - now
+            raise RefreshThrottled(f"app {self.app.name}: a refresh is scheduled in {wait:.1f} s "
+                                   f"(the current token is still served)", wait)
         token = await self._wait_for_token("admin")
         if token is before:
             failure = self.state.last_failure
             raise TokenUnavailable(f"app {self.app.name}: refresh failed"
                                    + (f": {failure.describe()}" if failure else "")
                                    + "; the current token is still served")
+        self._admin_refreshed = (token, self.clock())
         return token
 
     async def _wait_for_token(self, reason: str) -> Token:

@@ -31,13 +31,20 @@ CREDENTIAL_RETRY_S = 300.0
 # 89507 blocks the IP for 1 h, 89506 for 24 h. No retry inside the block.
 BLOCK_RETRY_S = {89507: 3600.0, 89506: 86400.0}
 
-# Refreshes forced by rejected tokens (or an operator) draw from a bucket: a
-# burst of 10 goes through at once (start-up races, a few rotations by
-# another system, retries), then one per `min_refresh_interval_s` (30 s by
-# default). That spreads a rotation storm; the hard guard of the daily quota
-# (2000 a day for /cgi-bin/token, wechat-api-notes.md §3) is the store's
-# daily fetch cap (1000 by default), which stops fetching long before it.
-FORCED_BURST = 10.0
+# Refreshes forced by rejected tokens (or an operator, or an SDK) adapt to
+# whether refreshing helps. When the rejected token had served successful
+# calls, the refresh helped last time (another system rotates the token now
+# and then, each new token serves thousands of calls): the next forced
+# refresh may follow after `min_refresh_interval_s` (1 s by default). When a
+# token is rejected before it served any call, refreshing is futile (a
+# wrong appid, a loop with another system): each futile rotation in a row
+# doubles the spacing from FUTILE_BACKOFF_BASE_S up to FUTILE_BACKOFF_CAP_S,
+# so such a loop costs one fetch a minute within about two minutes (1 + 2 +
+# ... + 64 s) and one per five minutes after that. The hard guard of the
+# daily quota (2000 a day for /cgi-bin/token, wechat-api-notes.md §3) is the
+# store's daily fetch cap (1000 by default), which stops fetching long before it.
+FUTILE_BACKOFF_BASE_S = 1.0
+FUTILE_BACKOFF_CAP_S = 300.0
 
 # Daily quotas reset at midnight China time (UTC+8) (inference: WeChat counts
 # "per day" in its own time zone; clear_quota is the manual way out).
@@ -137,8 +144,9 @@ class TokenState:
         self.failures = 0                       # fetch failures in a row
         self.last_failure: FetchFailure | None = None
         self.retry_at = 0.0                     # no automatic fetch before this
-        self._bucket = FORCED_BURST             # forced refreshes available ...
-        self._bucket_at: float | None = None    # ... as of this moment
+        self.served = False                     # the token has served a successful call
+        self.futile = 0                         # tokens in a row rejected before serving any call
+        self._last_forced_at: float | None = None
         self.fetches_ok = 0
         self.fetches_failed = 0
 
@@ -162,22 +170,26 @@ class TokenState:
     def is_current(self, value: str) -> bool:
         return self.token is not None and self.token.value == value
 
-    def _bucket_level(self, now: float) -> float:
-        if self._bucket_at is None or self.min_refresh_interval_s <= 0:
-            return FORCED_BURST
-        refill = (now - self._bucket_at) / self.min_refresh_interval_s
-        return min(FORCED_BURST, self._bucket + refill)
+    def forced_spacing(self) -> float:
+        """How long after the last forced refresh the next may fetch."""
+        if self.futile == 0:
+            return self.min_refresh_interval_s
+        base = max(FUTILE_BACKOFF_BASE_S, self.min_refresh_interval_s)
+        return min(FUTILE_BACKOFF_CAP_S, base * 2 ** (self.futile - 1))
 
     def forced_fetch_at(self, now: float) -> float:
         """Earliest moment a forced refresh (rejected token, operator) may fetch:
-        after the backoff, and once the bucket that protects the quota has one."""
-        level = self._bucket_level(now)
-        wait = 0.0 if level >= 1 else (1 - level) * self.min_refresh_interval_s
-        return max(now + wait, self.retry_at)
+        after the backoff, and the spacing since the last forced refresh."""
+        at = now if self._last_forced_at is None else max(now, self._last_forced_at + self.forced_spacing())
+        return max(at, self.retry_at)
 
     def spend_forced(self, now: float) -> None:
-        self._bucket = self._bucket_level(now) - 1
-        self._bucket_at = now
+        self._last_forced_at = now
+
+    def mark_served(self, value: str) -> None:
+        """A call with `value` succeeded: a refresh that brought it helped."""
+        if self.token is not None and self.token.value == value:
+            self.served = True
 
     def unavailable_reason(self, now: float) -> str:
         if self.token is not None and self.token.value == self.rejected:
@@ -193,6 +205,8 @@ class TokenState:
     # -- events
 
     def on_fetched(self, value: str, expires_in: float, now: float) -> Token:
+        if self.token is None or self.token.value != value:
+            self.served = False
         self.token = Token(value=value, fetched_at=now, expires_at=now + expires_in)
         # WeChat's token endpoint just vouched for this value, even if it is the
         # one a business call refused: trust it (the forced-refresh budget
@@ -211,6 +225,8 @@ class TokenState:
 
     def on_adopted(self, token: Token) -> None:
         """A token another holder fetched (shared store); no fetch counted."""
+        if self.token is None or self.token.value != token.value:
+            self.served = False
         self.token = token
         if self.rejected != token.value:
             self.rejected = None
@@ -231,6 +247,8 @@ class TokenState:
         if not self.is_current(value) or self.rejected == value:
             return False
         self.rejected = value
+        # Did refreshing help last time? A token that served calls says yes.
+        self.futile = 0 if self.served else self.futile + 1
         return True
 
     def clear_backoff(self) -> None:
