@@ -48,9 +48,11 @@ async def sim() -> AsyncIterator[WeChatSimulator]:
 
 def sidecar_yaml(upstream: str, *, app: str = "", top: str = "", listen_port: int = 0,
                  admin_port: int = 0, secret: str = SECRET, token_api: str = "stable",
-                 refresh_before_s: float = 240, min_refresh_interval_s: float = 0,
+                 refresh_before_s: float = 240, min_refresh_interval_s: float | None = 0,
                  app_extra: str = "") -> str:
-    """A config for tests: one app `mp` against the simulator, plus extras."""
+    """A config for tests: one app `mp` against the simulator, plus extras
+    (min_refresh_interval_s None: the config's default)."""
+    spacing = "" if min_refresh_interval_s is None else f"min_refresh_interval_s: {min_refresh_interval_s}"
     return textwrap.dedent(f"""\
         listen: {{host: 127.0.0.1, port: {listen_port}}}
         admin:  {{host: 127.0.0.1, port: {admin_port}}}
@@ -62,7 +64,7 @@ def sidecar_yaml(upstream: str, *, app: str = "", top: str = "", listen_port: in
             secret: "{secret}"
             token_api: {token_api}
             refresh_before_s: {refresh_before_s}
-            min_refresh_interval_s: {min_refresh_interval_s}
+            {spacing}
         """) + textwrap.indent(app_extra, "    ") + textwrap.indent(textwrap.dedent(app), "  ")
 
 

@@ -407,3 +407,92 @@ async def test_a_client_that_leaves_mid_download_frees_its_upstream_slot(sim, ma
     await wait_until(lambda: pool._free == 100, timeout=5)
     async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
         assert resp.status == 200
+
+
+# ---------------------------------------------------------------- every token errcode replays
+
+async def test_an_expired_token_42001_is_refreshed_and_the_call_replayed(sim, make_sidecar, http):
+    sc = await make_sidecar(token_api="client_credential")
+    old = sc.sidecar.managers["mp"].current().value
+    sim.tokens[old].expires_at = sim.clock() - 1      # WeChat ended it early: 42001, not 40001
+    fetches, calls = sim.fetch_count(), sim.business_calls
+    async with http.get(f"{sc.base}/cgi-bin/user/info?openid=o") as resp:
+        assert resp.status == 200 and (await resp.json())["errcode"] == 0
+    assert sim.fetch_count() == fetches + 1 and sim.business_calls == calls + 2
+    assert [c["errcode"] for c in list(sim.calls)[-2:]] == [42001, 0]
+    assert sc.sidecar.metrics.replays.values[("mp", "42001")] == 1
+
+
+async def test_an_invalid_token_40014_is_refreshed_and_the_call_replayed(sim, make_sidecar, http):
+    sc = await make_sidecar(token_api="client_credential")
+    sim.settings.wecom_errors = True                  # a bad token answered 40014
+    sim.rotate(APPID, "client_credential", grace_s=0)
+    fetches, calls = sim.fetch_count(), sim.business_calls
+    async with http.get(f"{sc.base}/cgi-bin/user/info?openid=o") as resp:
+        assert resp.status == 200 and (await resp.json())["errcode"] == 0
+    assert sim.fetch_count() == fetches + 1 and sim.business_calls == calls + 2
+    assert [c["errcode"] for c in list(sim.calls)[-2:]] == [40014, 0]
+    assert sc.sidecar.metrics.replays.values[("mp", "40014")] == 1
+
+
+# ---------------------------------------------------------------- rotation storms
+
+async def test_a_rotation_storm_keeps_calls_succeeding_with_one_fetch_per_rotation(sim, make_sidecar, http):
+    """Another system fetches a token every 1.2 s (its fetch ends ours after a
+    0.3 s grace), under steady load, with the default forced-refresh spacing:
+    every refresh helps, so every rotation is followed at once, the twelfth
+    as promptly as the first (a fixed budget ran dry after ten)."""
+    sim.settings.grace_s = 0.3
+    sc = await make_sidecar(token_api="client_credential", min_refresh_interval_s=None)
+    start_fetches = sim.fetch_count(api="client_credential")
+    statuses: dict[str, int] = {}
+    stop = asyncio.Event()
+
+    async def worker() -> None:
+        while not stop.is_set():
+            async with http.get(f"{sc.base}/cgi-bin/user/info?openid=o") as resp:
+                ok = resp.status == 200 and (await resp.json())["errcode"] == 0
+                key = "ok" if ok else str(resp.status)
+                statuses[key] = statuses.get(key, 0) + 1
+
+    workers = [asyncio.create_task(worker()) for _ in range(8)]
+    rotations = 0
+    for _ in range(12):
+        await asyncio.sleep(1.2)
+        sim.rotate(APPID, "client_credential", grace_s=0.3)
+        rotations += 1
+    await asyncio.sleep(1.2)
+    stop.set()
+    await asyncio.gather(*workers)
+    total = sum(statuses.values())
+    assert total > 500, statuses
+    assert statuses.get("ok", 0) >= 0.99 * total, statuses
+    fetches = sim.fetch_count(api="client_credential") - start_fetches
+    assert 1 <= fetches <= rotations, (fetches, rotations)
+
+
+# ---------------------------------------------------------------- outcomes in the metrics
+
+async def test_each_call_outcome_is_counted(sim, make_sidecar, http, monkeypatch):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sc = await make_sidecar(top="max_body_bytes: 2048")
+    async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:                 # ok
+        assert resp.status == 200
+    async with http.get(f"{sc.base}/sns/userinfo?access_token=user") as resp:     # passthrough
+        assert resp.status == 200
+    async with http.post(f"{sc.base}/cgi-bin/message/custom/send", data=b"x" * 4096) as resp:
+        assert resp.status == 413                                                # bad_request
+    sim.settings.reject_all = True
+    async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:                 # token_rejected
+        assert resp.status == 503
+    sim.settings.reject_all = False
+    sim.settings.latency_s = 6                                                   # upstream timeout_s is 5
+    async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:                 # upstream_timeout
+        assert resp.status == 504
+    sim.settings.latency_s = 0
+    async with http.get(f"{sc.admin}/metrics") as resp:
+        text = await resp.text()
+    counts = {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text) if f.name == "wts_calls"
+              for s in f.samples if s.name == "wts_calls_total" and s.labels.get("app") == "mp"}
+    assert counts == {"ok": 1, "passthrough": 1, "bad_request": 1, "token_rejected": 1, "upstream_timeout": 1}

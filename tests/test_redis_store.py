@@ -11,7 +11,7 @@ import pytest
 
 from proxy import config as config_mod
 
-from .conftest import APPID, free_port, sidecar_yaml
+from .conftest import APPID, free_port, sidecar_yaml, wait_until
 
 
 class Replica:
@@ -210,3 +210,49 @@ def test_the_redis_password_never_shows_in_the_summary():
     cfg = config_mod.parse('store: {kind: redis, url: "rediss://:hunter2pass@redis:6380/0"}\n'
                            'apps: [{name: a, appid: w, secret: s}]', "c.yaml", {})
     assert "hunter2pass" not in cfg.summary() and "rediss://:***@redis:6380/0" in cfg.summary()
+
+
+# ---------------------------------------------------------------- compare-and-set, store errors
+
+async def test_a_late_rejection_never_marks_the_newer_token_stored_since(redis_server):
+    """Replica A saw T1 rejected but its message arrives after replica B
+    stored T2: the rejection names T1, so T2 stays shared and unmarked."""
+    from proxy.tokens import Token
+    from proxy.tokens.redis_store import RedisStore
+
+    store = RedisStore(redis_server.url, "cas:")
+    seen: list[tuple[str, str]] = []
+    await store.start()
+    store.watch("mp", lambda event, fp: seen.append((event, fp)))
+    try:
+        now = time.monotonic()
+        await store._save("mp", Token("T1", now, now + 7200))
+        await store._save("mp", Token("T2", now, now + 7200))       # B's newer token
+        assert await store.reject("mp", "T1") is False               # A's late rejection: no effect
+        loaded = await store.load("mp")
+        assert loaded is not None and loaded.value == "T2"
+        assert redis_server.command("HGET", "cas:token:mp", "rejected") == b"$1\r\n0\r\n"
+        assert await store.reject("mp", "T2") is True                # a rejection of the current one counts
+        assert await store.reject("mp", "T2") is False               # once
+        assert await store.load("mp") is None
+        await wait_until(lambda: any(event == "rejected" for event, _ in seen))
+    finally:
+        await store.close()
+
+
+async def test_store_errors_are_counted_in_the_metrics(sim, redis_server, make_sidecar, http):
+    sc = await make_sidecar(top=f'store: {{kind: redis, url: "{redis_server.url}"}}')
+
+    async def store_errors() -> float:
+        async with http.get(f"{sc.admin}/metrics") as resp:
+            for line in (await resp.text()).splitlines():
+                if line.startswith("wts_store_errors_total "):
+                    return float(line.split()[1])
+        raise AssertionError("no wts_store_errors_total")
+
+    assert await store_errors() == 0
+    redis_server.kill()
+    sim.rotate(APPID, "stable", grace_s=0)         # the refresh has to go through the store
+    async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
+        assert resp.status == 200                  # fetched locally: the store is down
+    assert await store_errors() >= 1
