@@ -80,9 +80,11 @@ async def test_force_refresh_from_callers_is_one_coalesced_refresh(sim, make_sid
     # answered at once with the valid token; one refresh runs behind them
     assert asyncio.get_running_loop().time() - started < 0.5
     assert {a["access_token"] for a in answers} == {old}
-    await wait_until(lambda: sim.fetch_count() == 2)               # eight callers, one fetch
-    new = sc.sidecar.managers["mp"].current().value
-    assert new != old
+    manager = sc.sidecar.managers["mp"]
+    # the simulator counts a fetch before the sidecar has stored its answer: wait for both
+    await wait_until(lambda: manager.current().value != old)
+    assert sim.fetch_count() == 2                                  # eight callers, one fetch
+    new = manager.current().value
     assert (await force())["access_token"] == new                  # then the new token is answered
     assert all(set(a) == {"access_token", "expires_in"} for a in answers)
     assert sim.force_count == {}                                   # never WeChat's force mode
