@@ -99,6 +99,7 @@ class WeChatSimulator:
         self.force_count: dict[str, int] = {}
         self.calls: deque[dict[str, Any]] = deque(maxlen=20000)
         self.business_calls = 0
+        self.business_received = 0     # counted on arrival, before any latency_s
         self._ids = itertools.count(1)
 
     # ------------------------------------------------------------ token bookkeeping
@@ -352,6 +353,7 @@ class WeChatSimulator:
         })
 
     async def business(self, request: web.Request) -> web.StreamResponse:
+        self.business_received += 1
         body = await request.read()
         if self.settings.latency_s:
             await asyncio.sleep(self.settings.latency_s)

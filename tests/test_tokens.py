@@ -12,6 +12,8 @@ from proxy.tokens import FailureKind, Fetched, FetchError, MemoryStore, TokenMan
 from proxy.tokens import policy
 from proxy.tokens.policy import classify, retry_delay
 
+from .conftest import wait_until
+
 HALF = lambda: 0.5  # noqa: E731  a fixed "random" for exact delays
 
 
@@ -233,11 +235,9 @@ async def test_proactive_refresh_serves_the_old_token_meanwhile(manager_for):
     m = manager_for(fetcher, refresh_before_s=0.5)
     m.start()
     first = await m.get()
-    await asyncio.sleep(0.6)                 # refresh due at 0.5 s, takes 0.2 s
-    assert fetcher.calls == 2
-    assert m.current().value == first.value  # still the old one, no waiting
-    await asyncio.sleep(0.2)
-    assert m.current().value == "T2"
+    await wait_until(lambda: fetcher.calls == 2)      # refresh due at 0.5 s, takes 0.2 s
+    assert m.current().value == first.value           # still the old one, no waiting
+    await wait_until(lambda: m.current().value == "T2")
     assert m.refreshes["proactive"] >= 1
 
 
@@ -246,11 +246,13 @@ async def test_credential_error_is_reported_and_not_hammered(manager_for):
     fetcher.fail = FetchError(FailureKind.CREDENTIAL, 40125, "stable: invalid appsecret")
     m = manager_for(fetcher)
     m.start()
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: m.state.last_failure is not None)
     for _ in range(20):
         with pytest.raises(TokenUnavailable, match="40125: stable: invalid appsecret"):
             await m.get()
     assert fetcher.calls == 1
+    # not hammered later either: the next try is planned minutes away, not just not yet made
+    assert m.status()["next_retry_in_s"] >= 60
     assert m.status()["last_fetch"] == "40125: stable: invalid appsecret"
 
 
@@ -260,11 +262,11 @@ async def test_transient_failures_back_off_and_recover(manager_for):
     m = manager_for(fetcher)
     m.rng = lambda: 0.0                      # backoff 0.5 s, 1 s, ...
     m.start()
-    await asyncio.sleep(0.2)
-    assert fetcher.calls == 1
+    await wait_until(lambda: m.state.last_failure is not None)
+    assert fetcher.calls == 1 and m.status()["next_retry_in_s"] >= 0.4   # 0.5 s with this jitter
     fetcher.fail = None
-    await asyncio.sleep(0.5)
-    assert fetcher.calls == 2 and m.current().value == "T2"
+    await wait_until(lambda: m.current() is not None and m.current().value == "T2", timeout=2)
+    assert fetcher.calls == 2
 
 
 async def test_a_futile_refresh_makes_callers_fail_fast_instead_of_waiting(manager_for):
