@@ -50,6 +50,15 @@ class SimSettings:
     error_content_type: str = "application/json; encoding=utf-8"
     reject_all: bool = False         # every business call answers 40001
     wecom_errors: bool = False       # answer bad tokens as WeCom does: 40014, not 40001 (§8)
+    # Tickets (JS-SDK docs, "jsapi_ticket"): 7200 s, fetched with the token.
+    # While a ticket lives, a fetch returns the same ticket and still says
+    # expires_in 7200 (not the seconds left), and a fetch never ends the
+    # previous ticket: unlike /cgi-bin/token, a re-fetch invalidates nothing.
+    ticket_ttl_s: float = 7200.0
+    # WeCom: a corp may fetch its jsapi_ticket 400 times an hour, an agent
+    # ticket 100 times an hour per application (WeCom JS-SDK docs); 45009 past it.
+    wecom_corp_ticket_hourly_limit: int = 400
+    wecom_agent_ticket_hourly_limit: int = 100
 
 
 @dataclass
@@ -100,6 +109,10 @@ class WeChatSimulator:
         self.calls: deque[dict[str, Any]] = deque(maxlen=20000)
         self.business_calls = 0
         self.business_received = 0     # counted on arrival, before any latency_s
+        self.tickets: dict[str, Issued] = {}          # "kind:owner" -> the live ticket
+        self.ticket_values: dict[str, Issued] = {}    # every ticket issued, by value
+        self.ticket_fetches: dict[str, int] = {}      # kind -> fetches answered with a ticket
+        self.ticket_hourly: dict[str, list[float]] = {}
         self._ids = itertools.count(1)
 
     # ------------------------------------------------------------ token bookkeeping
@@ -421,9 +434,71 @@ class WeChatSimulator:
         self.rotate(appid, api, grace)
         return web.json_response({"rotated": f"{api}:{appid}"})
 
+    # ------------------------------------------------------------ tickets
+
+    def ticket_fetch_count(self, kind: str | None = None) -> int:
+        return sum(n for k, n in self.ticket_fetches.items() if kind is None or k == kind)
+
+    def ticket_valid(self, value: str) -> bool:
+        issued = self.ticket_values.get(value)
+        return issued is not None and self.clock() < issued.expires_at
+
+    def _ticket(self, kind: str, owner: str, hourly_limit: int | None = None) -> web.Response:
+        now = self.clock()
+        key = f"{kind}:{owner}"
+        if hourly_limit is not None:
+            recent = [t for t in self.ticket_hourly.get(key, []) if now - t < 3600]
+            if len(recent) >= hourly_limit:
+                return self._error(45009, "api freq out of limit")
+            self.ticket_hourly[key] = recent + [now]
+        current = self.tickets.get(key)
+        if current is None or now >= current.expires_at:
+            value = f"SIM_TK_{kind}_{next(self._ids)}_" + secrets.token_urlsafe(48)
+            current = Issued(value=value, api=kind, key=key, issued_at=now,
+                             expires_at=now + self.settings.ticket_ttl_s)
+            self.tickets[key] = self.ticket_values[value] = current
+        self.ticket_fetches[kind] = self.ticket_fetches.get(kind, 0) + 1
+        ttl = self.settings.ticket_ttl_s          # an int as WeChat's, unless a test's short TTL is not
+        return self._json({"errcode": 0, "errmsg": "ok", "ticket": current.value,
+                           "expires_in": int(ttl) if ttl == int(ttl) else ttl})
+
+    def _ticket_owner(self, request: web.Request) -> tuple[Issued | None, web.Response | None]:
+        value = request.query.get("access_token")
+        error = self.token_error(value)
+        if error is not None:
+            return None, self._error(*error)
+        return self.tokens[value or ""], None
+
+    async def getticket(self, request: web.Request) -> web.Response:
+        """GET /cgi-bin/ticket/getticket?type=jsapi|wx_card (Official Accounts)."""
+        issued, error = self._ticket_owner(request)
+        if error is not None or issued is None:
+            return error or self._error(40001, "invalid credential")
+        kind = request.query.get("type", "")
+        if kind not in ("jsapi", "wx_card"):
+            return self._error(40097, "invalid args")
+        return self._ticket(kind, issued.key.split(":", 1)[1])
+
+    async def wecom_corp_ticket(self, request: web.Request) -> web.Response:
+        """GET /cgi-bin/get_jsapi_ticket: the corp's ticket, shared by its apps."""
+        issued, error = self._ticket_owner(request)
+        if error is not None or issued is None:
+            return error or self._error(40014, "invalid access_token")
+        corpid = issued.key.split(":")[1]
+        return self._ticket("corp_jsapi", corpid, self.settings.wecom_corp_ticket_hourly_limit)
+
+    async def wecom_agent_ticket(self, request: web.Request) -> web.Response:
+        """GET /cgi-bin/ticket/get?type=agent_config: one application's ticket."""
+        issued, error = self._ticket_owner(request)
+        if error is not None or issued is None:
+            return error or self._error(40014, "invalid access_token")
+        if request.query.get("type") != "agent_config":
+            return self._error(40097, "invalid args")
+        return self._ticket("agent_config", issued.key, self.settings.wecom_agent_ticket_hourly_limit)
+
     async def ctl_stats(self, request: web.Request) -> web.Response:
         return web.json_response({"fetches": self.fetches, "fetch_attempts": self.fetch_attempts,
-                                  "business_calls": self.business_calls})
+                                  "ticket_fetches": self.ticket_fetches, "business_calls": self.business_calls})
 
     async def ctl_cookies(self, request: web.Request) -> web.Response:
         """Answers with two Set-Cookie headers (a proxy must pass both back)."""
@@ -445,6 +520,9 @@ class WeChatSimulator:
         for path in ("/sns/jscode2session", "/sns/oauth2/access_token", "/sns/oauth2/refresh_token",
                      "/cgi-bin/clear_quota/v2"):
             app.router.add_route("*", path, self.secret_call)
+        app.router.add_route("GET", "/cgi-bin/ticket/getticket", self.getticket)
+        app.router.add_route("GET", "/cgi-bin/get_jsapi_ticket", self.wecom_corp_ticket)
+        app.router.add_route("GET", "/cgi-bin/ticket/get", self.wecom_agent_ticket)
         app.router.add_route("*", "/_sim/settings", self.ctl_settings)
         app.router.add_route("POST", "/_sim/rotate", self.ctl_rotate)
         app.router.add_route("GET", "/_sim/stats", self.ctl_stats)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import aiohttp
 
@@ -46,6 +46,7 @@ class Fetcher(Protocol):
 class _HttpFetcher:
     api = ""
     path = ""
+    value_field = "access_token"      # where the answer carries the credential
 
     def __init__(self, app: App, session: aiohttp.ClientSession, timeout_s: float):
         self.app = app
@@ -88,9 +89,9 @@ class _HttpFetcher:
             errmsg = str(data.get("errmsg", ""))[:300]
             code = errcode if isinstance(errcode, int) else None
             raise FetchError(classify(code), code, f"{self.api}: {errmsg}")
-        value = data.get("access_token")
+        value = data.get(self.value_field)
         if not isinstance(value, str) or not value or len(value) > 4096 or not value.isprintable():
-            raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: answer has no usable access_token")
+            raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: answer has no usable {self.value_field}")
         expires_in = data.get("expires_in")
         if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) or not 0 < expires_in <= MAX_EXPIRES_IN_S:
             raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: absurd expires_in {str(expires_in)[:20]!r}")
@@ -138,6 +139,46 @@ class WeComFetcher(_HttpFetcher):
             if exc.errcode in (40014, 42001):
                 raise FetchError(FailureKind.TRANSIENT, exc.errcode, exc.message) from None
             raise
+
+
+# The token errors a ticket fetch can meet: the token it was fetched with is
+# bad, not the ticket (wechat-api-notes.md: 40001, 42001; WeCom 40014).
+TOKEN_ERRORS = frozenset({40001, 40014, 42001})
+
+
+class TicketFetcher(_HttpFetcher):
+    """A ticket is fetched with its app's token: GET `path` with
+    access_token and the ticket's query. A token error invalidates exactly
+    the token used (through `invalidate`, single flight in the token's
+    manager), and the fetch is retried once with the token that replaced it.
+
+    WeChat answers expires_in 7200 even when it hands back a ticket issued
+    earlier (the same ticket for its whole life), so expires_in is an upper
+    bound on a ticket's life, not the seconds left."""
+    value_field = "ticket"
+
+    def __init__(self, app: App, session: aiohttp.ClientSession, timeout_s: float, *, api: str, path: str,
+                 query: dict[str, str], token: Callable[[], Awaitable[str]],
+                 invalidate: Callable[[str], Awaitable[object]]):
+        self.api, self.path, self.query = api, path, query
+        super().__init__(app, session, timeout_s)
+        self.token, self.invalidate = token, invalidate
+
+    def request_kwargs(self, force: bool) -> dict[str, Any]:
+        return {"method": "GET", "url": self.url, "params": {"access_token": self._token, **self.query}}
+
+    async def fetch(self, force: bool = False) -> Fetched:
+        for attempt in (1, 2):
+            self._token = await self.token()
+            try:
+                return await super().fetch(force)
+            except FetchError as exc:
+                if exc.errcode not in TOKEN_ERRORS or attempt == 2:
+                    if exc.errcode in TOKEN_ERRORS:    # the fresh token failed too: not a credential fault
+                        raise FetchError(FailureKind.TRANSIENT, exc.errcode, exc.message) from None
+                    raise
+                await self.invalidate(self._token)
+        raise AssertionError("unreachable")
 
 
 FETCHERS: dict[str, type[_HttpFetcher]] = {
