@@ -50,13 +50,18 @@ class SimSettings:
     error_content_type: str = "application/json; encoding=utf-8"
     reject_all: bool = False         # every business call answers 40001
     wecom_errors: bool = False       # answer bad tokens as WeCom does: 40014, not 40001 (§8)
-    # Tickets (JS-SDK docs, "jsapi_ticket"): 7200 s, fetched with the token.
+    # Tickets: 7200 s, fetched with the token, "api calls are very limited,
+    # cache it globally" (Official Account JS-SDK docs, appendix 1:
+    # developers.weixin.qq.com/doc/offiaccount/OA_Web_Apps/JS-SDK.html).
     # While a ticket lives, a fetch returns the same ticket and still says
-    # expires_in 7200 (not the seconds left), and a fetch never ends the
-    # previous ticket: unlike /cgi-bin/token, a re-fetch invalidates nothing.
+    # expires_in 7200, not the seconds left, and a fetch ends no earlier
+    # ticket (unlike /cgi-bin/token): WeChat's docs say neither, developers
+    # report both on developers.weixin.qq.com/community (2020-2024 threads).
     ticket_ttl_s: float = 7200.0
-    # WeCom: a corp may fetch its jsapi_ticket 400 times an hour, an agent
-    # ticket 100 times an hour per application (WeCom JS-SDK docs); 45009 past it.
+    # WeCom: "in one hour a corp may fetch jsapi_ticket at most 400 times, and
+    # one application at most 100" (developer.work.weixin.qq.com/document/path/90454,
+    # frequency limits; an hourly block lasts 60 minutes).
+    # Past it the simulator answers 45009.
     wecom_corp_ticket_hourly_limit: int = 400
     wecom_agent_ticket_hourly_limit: int = 100
 
