@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from .config import App, Config
+from .credentials import local_kind
 from .httpserver import JSON_HEADER, BodyError, Header, Reply, Request, http_date, json_error_body
 from .logs import AccessLog
 from .metrics import Metrics
@@ -354,6 +355,8 @@ class Forwarder:
             local = await self._answer_locally(request, app, manager, path)
             if local is not None:
                 return local, None, None
+        elif request.method == "GET" and (kind := local_kind(app, path, request.query)) is not None:
+            return await self._answer_credential(manager.credential(kind)), None, None
 
         body = b""
         if request.body_exists:
@@ -486,6 +489,19 @@ class Forwarder:
         payload: dict[str, Any] = {"access_token": token.value, "expires_in": left}
         if wecom:
             payload = {"errcode": 0, "errmsg": "ok", **payload}
+        return Reply(200, [JSON_HEADER, (b"Cache-Control", b"no-store"), (b"Date", http_date())],
+                     json.dumps(payload).encode())
+
+    @staticmethod
+    async def _answer_credential(manager: TokenManager) -> Reply:
+        """A ticket, in WeChat's shape, from the app's managed one: never a
+        fetch of the caller's own, never forwarded (DESIGN.md, Tickets)."""
+        try:
+            ticket = manager.current() or await manager.get()
+        except TokenUnavailable as exc:
+            return sidecar_error(503, str(exc))
+        left = max(1, int(ticket.remaining(time.monotonic())))
+        payload = {"errcode": 0, "errmsg": "ok", "ticket": ticket.value, "expires_in": left}
         return Reply(200, [JSON_HEADER, (b"Cache-Control", b"no-store"), (b"Date", http_date())],
                      json.dumps(payload).encode())
 

@@ -16,12 +16,15 @@ from aiohttp import web
 
 from .admin import AdminRoutes, admin_error
 from .config import App, Config, ConfigError
+from .credentials import KINDS
+from .credentials import store_key as credential_key
 from .forward import NOTED_HEADERS, Forwarder
 from .httpserver import HttpServer, Reply, Request
 from .logs import AccessLog
 from .metrics import Metrics
 from .upstream import UpstreamPool
 from .tokens import MemoryStore, TokenManager, TokenStore, make_fetcher
+from .tokens.fetchers import TicketFetcher
 
 log = logging.getLogger("proxy.server")
 
@@ -80,7 +83,23 @@ class Sidecar:
         manager.on_refresh = lambda reason: m.refreshes.labels(app.name, reason).inc()
         manager.on_fetch = lambda result: m.fetches.labels(app.name, app.token_api, result).inc()
         manager.on_rotated = lambda: m.rotated.labels(app.name).inc()
+        manager.make_dependent = self._credential_manager
         return manager
+
+    def _credential_manager(self, token: TokenManager, kind: str) -> TokenManager:
+        """The manager of one of an app's credentials (credentials.KINDS),
+        fetched with the app's token: made when first asked for."""
+        assert self.session is not None and self.store is not None
+        app, spec = token.app, KINDS[kind]
+
+        async def current_token() -> str:
+            return (token.current() or await token.get()).value
+
+        fetcher = TicketFetcher(app, self.session, self.config.upstream.timeout_s, api=kind, path=spec.path,
+                                query=spec.query, token=current_token, invalidate=token.invalidate)
+        return TokenManager(app, fetcher, self.store, role=self.config.store.role,
+                            on_store_down=self.config.store.on_store_down,
+                            key=credential_key(kind, app), name=f"{app.name}/{kind}")
 
     def reload(self, new: Config) -> list[str]:
         """Apply a new config without dropping calls: apps (and their secrets),

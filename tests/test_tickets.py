@@ -3,12 +3,14 @@ rules, and a ticket fetch rides on the app's managed token (a token error
 invalidates that token, refreshes it once and retries once)."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from proxy.tokens import FailureKind, FetchError
 from proxy.tokens.fetchers import TicketFetcher
 
-from .conftest import APPID, CORPID, CORPSECRET, sidecar_yaml
+from .conftest import APPID, CORPID, CORPSECRET, sidecar_yaml, wait_until
 from .test_dropin import wecom_apps
 
 
@@ -97,3 +99,70 @@ async def test_wecom_ticket_fetches_are_limited_per_hour(sim, make_sidecar):
     with pytest.raises(FetchError) as info:
         await fetcher.fetch()
     assert info.value.errcode == 45009
+
+
+# ---------------------------------------------------------------- served by the sidecar
+
+async def getticket(http, base: str, kind: str = "jsapi", prefix: str = "") -> dict:
+    async with http.get(f"{base}{prefix}/cgi-bin/ticket/getticket", params={"type": kind}) as resp:
+        assert resp.status == 200
+        return await resp.json()
+
+
+async def test_twenty_concurrent_asks_cost_one_ticket_fetch_and_none_while_it_is_valid(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    answers = await asyncio.gather(*(getticket(http, sc.base) for _ in range(20)))
+    assert len({a["ticket"] for a in answers}) == 1 and sim.ticket_fetch_count("jsapi") == 1
+    assert all(a["errcode"] == 0 and 7100 < a["expires_in"] <= 7200 for a in answers)
+    assert sim.ticket_valid(answers[0]["ticket"])
+    again = await asyncio.gather(*(getticket(http, sc.base) for _ in range(5)))
+    assert {a["ticket"] for a in again} == {answers[0]["ticket"]} and sim.ticket_fetch_count() == 1
+    card = await getticket(http, sc.base, "wx_card")
+    assert card["ticket"] != answers[0]["ticket"] and sim.ticket_fetch_count("wx_card") == 1
+    assert sim.business_received == 0                       # answered by the sidecar, never forwarded
+
+
+async def test_a_ticket_never_asked_for_is_never_fetched_and_other_types_are_forwarded(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    async with http.get(f"{sc.base}/cgi-bin/user/info?openid=o") as resp:
+        assert (await resp.json())["errcode"] == 0
+    async with http.get(f"{sc.base}/cgi-bin/ticket/getticket", params={"type": "other"}) as resp:
+        assert (await resp.json())["errcode"] == 40097         # WeChat's answer: it was forwarded
+    assert sim.ticket_fetch_count() == 0
+    assert sc.sidecar.managers["mp"].dependents == {}          # nothing made, no task, no timer
+
+
+async def test_a_ticket_at_the_end_of_its_life_is_replaced_not_served_dead(sim, make_sidecar, http):
+    sim.settings.ticket_ttl_s = 1.0
+    sc = await make_sidecar()
+    first = (await getticket(http, sc.base))["ticket"]
+    manager = sc.sidecar.managers["mp"].credential("jsapi_ticket")
+
+    def never_believed_longer_than_it_lives() -> bool:
+        held = manager.current()
+        if held is not None:        # the simulator's clock is the same monotonic clock
+            assert held.expires_at <= sim.ticket_values[held.value].expires_at + 0.05, "a dead ticket held as live"
+        return held is not None and held.value != first
+
+    await wait_until(never_believed_longer_than_it_lives, timeout=5)
+    # refreshed ahead, WeChat handed back the same ticket until it ended; the one served now is alive
+    served = (await getticket(http, sc.base))["ticket"]
+    assert served != first and sim.ticket_valid(served)
+    assert sim.ticket_fetch_count("jsapi") <= 12               # a few re-fetches near the end, no loop
+
+
+async def test_wecom_apps_are_answered_their_corp_and_agent_tickets(sim, make_sidecar, http):
+    sim.corps[CORPID].append(f"{CORPSECRET}-agent2")
+    sc = await make_sidecar(sidecar_yaml(sim.url, app=wecom_apps(sim.url)))
+    got = {}
+    for name in ("corp", "corp2"):
+        async with http.get(f"{sc.base}/{name}/cgi-bin/get_jsapi_ticket") as resp:
+            got[name, "corp"] = (await resp.json())["ticket"]
+        async with http.get(f"{sc.base}/{name}/cgi-bin/ticket/get", params={"type": "agent_config"}) as resp:
+            got[name, "agent"] = (await resp.json())["ticket"]
+    assert got["corp", "corp"] == got["corp2", "corp"] and got["corp", "agent"] != got["corp2", "agent"]
+    assert sim.ticket_fetch_count("corp_jsapi") == 1           # one corp ticket, shared through the store
+    assert sim.ticket_fetch_count("agent_config") == 2
+    async with http.get(f"{sc.base}/corp/cgi-bin/ticket/getticket", params={"type": "jsapi"}) as resp:
+        assert resp.status == 200
+    assert sim.ticket_fetch_count("jsapi") == 1                 # not a WeCom ticket path: forwarded as a call

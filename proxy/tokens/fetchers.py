@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -163,6 +164,18 @@ class TicketFetcher(_HttpFetcher):
         self.api, self.path, self.query = api, path, query
         super().__init__(app, session, timeout_s)
         self.token, self.invalidate = token, invalidate
+        self._ends: dict[str, float] = {}     # ticket -> when it ends (monotonic), for the ones seen
+
+    def _life_left(self, fetched: Fetched) -> Fetched:
+        """The same ticket fetched again keeps the end it had: WeChat says
+        expires_in 7200 again, but the ticket ends when it always would."""
+        now = time.monotonic()
+        end = self._ends.get(fetched.value)
+        if end is None:
+            self._ends = {v: e for v, e in self._ends.items() if e > now}   # only live ones are kept
+            self._ends[fetched.value] = now + fetched.expires_in
+            return fetched
+        return Fetched(fetched.value, max(0.05, min(fetched.expires_in, end - now)))
 
     def request_kwargs(self, force: bool) -> dict[str, Any]:
         return {"method": "GET", "url": self.url, "params": {"access_token": self._token, **self.query}}
@@ -171,7 +184,7 @@ class TicketFetcher(_HttpFetcher):
         for attempt in (1, 2):
             self._token = await self.token()
             try:
-                return await super().fetch(force)
+                return self._life_left(await super().fetch(force))
             except FetchError as exc:
                 if exc.errcode not in TOKEN_ERRORS or attempt == 2:
                     if exc.errcode in TOKEN_ERRORS:    # the fresh token failed too: not a credential fault

@@ -58,8 +58,15 @@ class TokenManager:
                  role: str = "fetcher", on_store_down: str = "fetch_locally",
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
-                 rng: Callable[[], float] = random.random):
+                 rng: Callable[[], float] = random.random,
+                 key: str | None = None, name: str | None = None):
         self.app = app
+        # What this manager holds: the app's token by default, or another
+        # credential of the app (a ticket) under its own store key and name.
+        self.key = key or app.store_key
+        self.name = name or app.name
+        self.dependents: dict[str, TokenManager] = {}     # credentials fetched with this one, made lazily
+        self.make_dependent: Callable[[TokenManager, str], TokenManager] | None = None
         self.fetcher = fetcher
         self.store = store
         self.clock, self.wall, self.rng = clock, wall, rng
@@ -83,11 +90,25 @@ class TokenManager:
 
     def start(self) -> None:
         if self._runner is None:
-            self.store.watch(self.app.store_key, self._on_store_event)
+            self.store.watch(self.key, self._on_store_event)
             self._start_refresh("startup")
-            self._runner = asyncio.create_task(self._run(), name=f"token-refresher:{self.app.name}")
+            self._runner = asyncio.create_task(self._run(), name=f"token-refresher:{self.name}")
+
+    def credential(self, kind: str) -> TokenManager:
+        """The manager of a credential fetched with this one (a ticket),
+        made and started the first time it is asked for: one never asked for
+        costs nothing and is never fetched."""
+        manager = self.dependents.get(kind)
+        if manager is None:
+            if self.make_dependent is None:
+                raise KeyError(kind)
+            manager = self.dependents[kind] = self.make_dependent(self, kind)
+            manager.start()
+        return manager
 
     async def close(self) -> None:
+        for dependent in self.dependents.values():
+            await dependent.close()
         for task in (self._runner, self._inflight):
             if task is not None and not task.done():
                 task.cancel()
@@ -142,7 +163,7 @@ class TokenManager:
         token; callers that hold an already-replaced one get the new one free."""
         if self.state.reject(bad_token):
             log.warning("token rejected by WeChat; refreshing",
-                        extra={"event": "token_rejected", "app": self.app.name})
+                        extra={"event": "token_rejected", "app": self.name})
             self.on_rotated()
             return await self._wait_for_token("errcode")
         token = self.current()
@@ -155,7 +176,7 @@ class TokenManager:
         refreshes (within the forced-refresh budget), without making this caller wait."""
         if self.state.reject(bad_token):
             log.warning("fresh token rejected by WeChat too; another system may be "
-                        "fetching tokens for this appid", extra={"event": "token_rejected", "app": self.app.name})
+                        "fetching tokens for this appid", extra={"event": "token_rejected", "app": self.name})
             self.on_rotated()
             self._wake.set()
 
@@ -192,18 +213,18 @@ class TokenManager:
             self.state.clear_backoff()
             wait = self.state.forced_fetch_at(now) - now
             if wait > 0 and self.state.usable(now):
-                raise RefreshThrottled(f"app {self.app.name}: refreshed {now - before.fetched_at:.1f} s ago; "  # type: ignore[union-attr]
+                raise RefreshThrottled(f"app {self.name}: refreshed {now - before.fetched_at:.1f} s ago; "  # type: ignore[union-attr]
                                        f"the next forced refresh is allowed in {wait:.1f} s "
                                        f"(the current token is still served)", wait)
             self._start_refresh("admin", use_store=False)
         elif self._inflight_starts_at > now and self.state.usable(now):
             wait = self._inflight_starts_at - now
-            raise RefreshThrottled(f"app {self.app.name}: a refresh is scheduled in {wait:.1f} s "
+            raise RefreshThrottled(f"app {self.name}: a refresh is scheduled in {wait:.1f} s "
                                    f"(the current token is still served)", wait)
         token = await self._wait_for_token("admin")
         if token is before:
             failure = self.state.last_failure
-            raise TokenUnavailable(f"app {self.app.name}: refresh failed"
+            raise TokenUnavailable(f"app {self.name}: refresh failed"
                                    + (f": {failure.describe()}" if failure else "")
                                    + "; the current token is still served")
         self._admin_refreshed = (token, self.clock())
@@ -226,7 +247,7 @@ class TokenManager:
         return token
 
     def _reason(self) -> str:
-        return f"app {self.app.name}: {self.state.unavailable_reason(self.clock())}"
+        return f"app {self.name}: {self.state.unavailable_reason(self.clock())}"
 
     # ------------------------------------------------------------ fetching
 
@@ -237,7 +258,7 @@ class TokenManager:
             not_before = self.state.forced_fetch_at(now) if forced else max(now, self.state.retry_at)
             self._inflight_starts_at = not_before
             self._inflight = asyncio.create_task(self._fetch(reason, not_before, forced, use_store),
-                                                 name=f"token-fetch:{self.app.name}")
+                                                 name=f"token-fetch:{self.name}")
             self._inflight.add_done_callback(self._fetch_done)
         return self._inflight
 
@@ -257,7 +278,7 @@ class TokenManager:
         self.on_refresh(reason)
         rejected = self.state.rejected
         asked_at = self.clock()
-        key = self.app.store_key
+        key = self.key
 
         def accept(token: Token) -> bool:
             """Is a token someone else put in the store good enough to skip a fetch?"""
@@ -277,7 +298,7 @@ class TokenManager:
                 # refused: only force mode replaces it (wechat-api-notes.md §1.2).
                 self._last_force_at = self.clock()
                 log.warning("WeChat returned the rejected token again; forcing a new one",
-                            extra={"event": "token_force", "app": self.app.name})
+                            extra={"event": "token_force", "app": self.name})
                 fetched = await self._counted_fetch(force=True)
             now = self.clock()
             return Token(value=fetched.value, fetched_at=now, expires_at=now + fetched.expires_in)
@@ -305,12 +326,12 @@ class TokenManager:
         if by_us:
             self.state.on_fetched_token(token)
             log.info("token fetched (%s), expires in %.0f s", reason, token.remaining(self.clock()),
-                     extra={"event": "token_fetched", "app": self.app.name, "reason": reason,
+                     extra={"event": "token_fetched", "app": self.name, "reason": reason,
                             "duration_s": round(self.clock() - started, 4)})
         elif token != self.state.token:
             self.state.on_adopted(token)
             log.info("token taken from the store (%s), expires in %.0f s", reason,
-                     token.remaining(self.clock()), extra={"event": "token_adopted", "app": self.app.name,
+                     token.remaining(self.clock()), extra={"event": "token_adopted", "app": self.name,
                                                           "reason": reason})
 
     async def _counted_fetch(self, force: bool) -> Fetched:
@@ -327,22 +348,22 @@ class TokenManager:
         level = logging.ERROR if kind is not FailureKind.TRANSIENT else logging.WARNING
         log.log(level, "token fetch failed: %s; next try in %.0f s",
                 failure.describe(), max(0.0, self.state.retry_at - self.clock()),
-                extra={"event": "token_fetch_failed", "app": self.app.name, "errcode": errcode,
+                extra={"event": "token_fetch_failed", "app": self.name, "errcode": errcode,
                        "reason": reason, "failure": kind.value})
 
     async def _store_reject(self, bad_value: str) -> None:
         """Tell the cluster: refresh only if the shared token is still this one."""
         try:
-            await self.store.reject(self.app.store_key, bad_value)
+            await self.store.reject(self.key, bad_value)
         except StoreUnavailable as exc:
             log.warning("could not mark the rejected token in the store: %s", exc,
-                        extra={"event": "store_error", "app": self.app.name})
+                        extra={"event": "store_error", "app": self.name})
 
     async def _follow(self, accept: Callable[[Token], bool]) -> Token:
         """role: reader — never fetch; take what a fetching sidecar stored."""
         deadline = self.clock() + MAX_CALLER_WAIT_S
         while True:
-            token = await self.store.load(self.app.store_key)
+            token = await self.store.load(self.key)
             if token is not None and accept(token):
                 return token
             if self.clock() >= deadline:
@@ -356,7 +377,7 @@ class TokenManager:
             raise exc
         log.error("store unavailable (%s) and no usable token: fetching locally "
                   "(on_store_down: fetch_locally); other replicas may fetch too", exc,
-                  extra={"event": "store_down_fetch_locally", "app": self.app.name})
+                  extra={"event": "store_down_fetch_locally", "app": self.name})
         self.local_fetches_store_down += 1
         return await fetch()
 
@@ -366,7 +387,7 @@ class TokenManager:
             current = self.state.token
             if current is not None and fingerprint(current.value) == fp and self.state.reject(current.value):
                 log.warning("token rejected (seen by another sidecar); refreshing",
-                            extra={"event": "token_rejected", "app": self.app.name})
+                            extra={"event": "token_rejected", "app": self.name})
                 self.on_rotated()
                 self._wake.set()
         elif event == "new" and self._inflight is None:
@@ -375,7 +396,7 @@ class TokenManager:
 
     async def _adopt_from_store(self) -> None:
         try:
-            token = await self.store.load(self.app.store_key)
+            token = await self.store.load(self.key)
         except StoreUnavailable:
             return
         if token is not None and token != self.state.token and token.value != self.state.rejected \
@@ -393,7 +414,7 @@ class TokenManager:
         token = self.state.token
         failure = self.state.last_failure
         return {
-            "name": self.app.name,
+            "name": self.name,
             "appid": self.app.appid,
             "token_api": self.app.token_api,
             "usable": self.state.usable(now),
