@@ -144,6 +144,7 @@ class App:
     inject_secret: bool = False
     refresh_errcodes: frozenset[int] | None = None   # None: the account kind's default
     secret_file: str | None = None                    # where the secret was read, if from a file
+    agentid: str | None = None                        # WeCom: the application's agentid, for agent JSSDK config
 
     @property
     def store_key(self) -> str:
@@ -514,12 +515,18 @@ def _parse_app(sec: _Section, file: str, global_upstream: str) -> App:
     min_interval = sec.get("min_refresh_interval_s", _number(file, float, 0, 3600), DEFAULT_MIN_REFRESH_INTERVAL_S)
     inject_secret = sec.get("inject_secret", _bool(file), False)
     codes = sec.get("refresh_errcodes", _errcodes(file), None)
+    agentid = sec.get("agentid", _str(file), None)
+    if agentid is not None:
+        if token_api != "wecom":
+            raise ConfigError(file, sec.path("agentid"), "only WeCom apps (token_api: wecom) have an agentid")
+        if not agentid.isdigit() or len(agentid) > 20:
+            raise ConfigError(file, sec.path("agentid"), f"must be the application's number, got {agentid[:30]!r}")
     sec.done()
     return App(
         name=name, appid=appid, secret=secret, token_api=token_api,
         refresh_before_s=refresh_before_s, upstream=upstream,
         min_refresh_interval_s=min_interval, inject_secret=inject_secret, refresh_errcodes=codes,
-        secret_file=secret_path,
+        secret_file=secret_path, agentid=agentid,
     )
 
 

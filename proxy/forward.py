@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from .config import App, Config
+from . import jssdk
 from .credentials import local_kind
 from .httpserver import JSON_HEADER, BodyError, Header, Reply, Request, http_date, json_error_body
 from .logs import AccessLog
@@ -103,6 +104,7 @@ LOOPBACK_NAMES = frozenset({"localhost"})
 
 # The sidecar's own root on the proxy port: never forwarded.
 SIDECAR_ROOT = "/sidecar"
+JSSDK_PATH = "/sidecar/jssdk"
 
 
 def host_of(authority: str) -> str | None:
@@ -346,6 +348,8 @@ class Forwarder:
     async def _handle(self, request: Request, app: App, path: str) -> _Result:
         manager = self.managers[app.name]
         if path.startswith(SIDECAR_ROOT) and (len(path) == len(SIDECAR_ROOT) or path[len(SIDECAR_ROOT)] == "/"):
+            if path == JSSDK_PATH and request.method == "GET":
+                return await self._jssdk(request, app, manager), None, None
             return sidecar_error(404, f"no sidecar endpoint {path[:128]}", outcome="bad_request"), None, None
         if request.body_exists:
             refused = self._continue(request)
@@ -489,6 +493,29 @@ class Forwarder:
         payload: dict[str, Any] = {"access_token": token.value, "expires_in": left}
         if wecom:
             payload = {"errcode": 0, "errmsg": "ok", **payload}
+        return Reply(200, [JSON_HEADER, (b"Cache-Control", b"no-store"), (b"Date", http_date())],
+                     json.dumps(payload).encode())
+
+    async def _jssdk(self, request: Request, app: App, manager: TokenManager) -> Reply:
+        """wx.config's fields for a page, signed with the app's jsapi ticket
+        (WeCom: the corp ticket, or with kind=agent the agent ticket)."""
+        try:
+            url, agent = jssdk.parse(request.query)
+        except jssdk.BadRequest as exc:
+            return sidecar_error(400, str(exc), outcome="bad_request")
+        wecom = app.token_api == "wecom"
+        if agent and not wecom:
+            return sidecar_error(400, f"kind=agent is for WeCom apps; app {app.name} is not one", outcome="bad_request")
+        if agent and app.agentid is None:
+            return sidecar_error(400, f"app {app.name} has no agentid in the config", outcome="bad_request")
+        kind = ("agent_config_ticket" if agent else "corp_jsapi_ticket") if wecom else "jsapi_ticket"
+        credential = manager.credential(kind)
+        try:
+            ticket = credential.current() or await credential.get()
+        except TokenUnavailable as exc:
+            return sidecar_error(503, str(exc))
+        signed = jssdk.config(ticket.value, url)
+        payload = {"corpid": app.appid, "agentid": app.agentid, **signed} if agent else {"appId": app.appid, **signed}
         return Reply(200, [JSON_HEADER, (b"Cache-Control", b"no-store"), (b"Date", http_date())],
                      json.dumps(payload).encode())
 

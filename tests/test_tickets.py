@@ -4,6 +4,8 @@ invalidates that token, refreshes it once and retries once)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import time
 
 import pytest
 
@@ -166,3 +168,70 @@ async def test_wecom_apps_are_answered_their_corp_and_agent_tickets(sim, make_si
     async with http.get(f"{sc.base}/corp/cgi-bin/ticket/getticket", params={"type": "jsapi"}) as resp:
         assert resp.status == 200
     assert sim.ticket_fetch_count("jsapi") == 1                 # not a WeCom ticket path: forwarded as a call
+
+
+# ---------------------------------------------------------------- /sidecar/jssdk
+
+def expected_signature(ticket: str, answer: dict, url: str) -> str:
+    text = f"jsapi_ticket={ticket}&noncestr={answer['nonceStr']}&timestamp={answer['timestamp']}&url={url}"
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+async def test_jssdk_signs_the_page_url_without_its_fragment_with_the_jsapi_ticket(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    page = "https://shop.example.com/item?id=7&from=share"
+    async with http.get(f"{sc.base}/sidecar/jssdk", params={"url": page + "#section-2"}) as resp:
+        assert resp.status == 200
+        answer = await resp.json()
+    assert set(answer) == {"appId", "timestamp", "nonceStr", "signature"} and answer["appId"] == APPID
+    ticket = sim.tickets[f"jsapi:{APPID}"].value                 # the simulator's ticket, never shown to the app
+    assert answer["signature"] == expected_signature(ticket, answer, page)
+    assert abs(answer["timestamp"] - time.time()) < 5 and sim.ticket_fetch_count() == 1
+    async with http.get(f"{sc.base}/sidecar/jssdk", params={"url": page}) as resp:
+        other = await resp.json()
+    assert other["nonceStr"] != answer["nonceStr"] and sim.ticket_fetch_count() == 1
+
+
+@pytest.mark.parametrize("query", [
+    {}, {"url": ""}, {"url": "ftp://example.com/a"}, {"url": "example.com/page"}, {"url": "https:///path"},
+    {"url": "https://example.com/" + "a" * 4100}, {"url": "https://example.com/", "kind": "other"},
+    {"url": "https://example.com/", "kind": "agent"},            # not a WeCom app
+])
+async def test_jssdk_refuses_a_bad_url_with_a_sidecar_error_and_fetches_nothing(sim, make_sidecar, http, query):
+    sc = await make_sidecar()
+    async with http.get(f"{sc.base}/sidecar/jssdk", params=query) as resp:
+        assert resp.status == 400
+        body = await resp.json()
+    assert body["errcode"] == -1 and body["errmsg"].startswith("sidecar: ")
+    assert sim.ticket_fetch_count() == 0
+
+
+async def test_jssdk_for_wecom_signs_with_the_corp_ticket_and_with_kind_agent_the_agent_ticket(sim, make_sidecar, http):
+    apps = f"""
+- {{name: corp, appid: {CORPID}, secret: "{CORPSECRET}", token_api: wecom, upstream: {sim.url}, agentid: 1000002}}
+- {{name: plain, appid: {CORPID}, secret: "{CORPSECRET}", token_api: wecom, upstream: {sim.url}}}
+"""
+    sc = await make_sidecar(sidecar_yaml(sim.url, app=apps))
+    page = "https://work.example.com/app"
+    async with http.get(f"{sc.base}/corp/sidecar/jssdk", params={"url": page}) as resp:
+        corp = await resp.json()
+    assert corp["appId"] == CORPID
+    assert corp["signature"] == expected_signature(sim.tickets[f"corp_jsapi:{CORPID}"].value, corp, page)
+    async with http.get(f"{sc.base}/corp/sidecar/jssdk", params={"url": page, "kind": "agent"}) as resp:
+        agent = await resp.json()
+    assert set(agent) == {"corpid", "agentid", "timestamp", "nonceStr", "signature"}
+    assert agent["corpid"] == CORPID and agent["agentid"] == "1000002"
+    agent_ticket = next(t.value for k, t in sim.tickets.items() if k.startswith("agent_config:"))
+    assert agent["signature"] == expected_signature(agent_ticket, agent, page)
+    async with http.get(f"{sc.base}/plain/sidecar/jssdk", params={"url": page, "kind": "agent"}) as resp:
+        assert resp.status == 400 and "no agentid" in (await resp.json())["errmsg"]
+
+
+def test_agentid_is_for_wecom_apps_and_is_a_number():
+    from proxy.config import ConfigError, parse
+    base = "apps:\n  - {name: a, appid: wx1, secret: s, token_api: %s, agentid: %s}\n"
+    assert parse(base % ("wecom", "1000002"), "<t>", env={}).apps[0].agentid == "1000002"
+    with pytest.raises(ConfigError, match="agentid.*only WeCom apps"):
+        parse(base % ("stable", "1000002"), "<t>", env={})
+    with pytest.raises(ConfigError, match="agentid.*must be the application's number"):
+        parse(base % ("wecom", "abc"), "<t>", env={})
