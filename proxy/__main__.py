@@ -126,6 +126,10 @@ Try these in another terminal:
   # an SDK asking for a token gets the shared one (never a fetch of its own)
   curl -s 'http://127.0.0.1:{p}/cgi-bin/token?grant_type=client_credential&appid=x&secret=y'
 
+  # a JS-SDK page: the shared jsapi ticket, and wx.config's fields signed for a page URL
+  curl -s 'http://127.0.0.1:{p}/cgi-bin/ticket/getticket?type=jsapi'
+  curl -s 'http://127.0.0.1:{p}/sidecar/jssdk?url=https%3A%2F%2Fshop.example.com%2Fitem%3Fid%3D7'
+
   # health, readiness, per-app state, refresh now
   curl -s http://127.0.0.1:{a}/readyz
   curl -s http://127.0.0.1:{a}/admin/apps

@@ -176,8 +176,10 @@ def test_demo_prints_curl_lines_that_work(tmp_path):
         assert joined.count('"errcode": 0') >= 3
         assert re.search(r"^200 1048576 bytes$", joined, re.M)
         assert '"status": "ready"' in joined
+        assert '"ticket": "SIM_TK_jsapi_' in joined and '"signature": "' in joined
         stats = json.loads(outputs[-1])
         assert sum(stats["fetches"].values()) == 3      # start-up, the rotation, the admin refresh
+        assert stats["ticket_fetches"] == {"jsapi": 1}  # getticket and jssdk share one ticket
     finally:
         proc.send_signal(signal.SIGINT)
         try:
