@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from .config import is_loopback
+from .credentials import KINDS
 from .httpserver import json_error_body
 from .metrics import CONTENT_TYPE
 from .tokens import RefreshThrottled, TokenUnavailable
@@ -73,6 +74,10 @@ class AdminRoutes:
             except StoreUnavailable as exc:
                 status["fetches_today"] = None
                 status["store"] = str(exc)
+            # Tickets and other credentials, once asked for: state, never the value.
+            status["credentials"] = {kind: {k: v for k, v in dependent.status().items()
+                                            if k not in ("name", "appid", "token_api")}
+                                     for kind, dependent in manager.dependents.items()}
             answers.append(status)
         return web.json_response({"apps": answers})
 
@@ -99,6 +104,22 @@ class AdminRoutes:
         manager = self.sidecar.managers.get(name)
         if manager is None:
             return admin_error(404, f"unknown app {name[:64]!r}")
+        credential = request.query.get("credential", "token")
+        if credential != "token":
+            spec = KINDS.get(credential)
+            if spec is None or spec.wecom != (manager.app.token_api == "wecom"):
+                known = [k for k, v in KINDS.items() if v.wecom == (manager.app.token_api == "wecom")]
+                return admin_error(400, f"unknown credential {credential[:64]!r} for app {name}; "
+                                        f"one of token, {', '.join(known)}")
+            made = credential in manager.dependents
+            manager = manager.credential(credential)
+            if not made:        # its first fetch is the refresh asked for
+                try:
+                    token = await manager.get()
+                except TokenUnavailable as exc:
+                    return admin_error(503, str(exc))
+                return web.json_response({"app": name, "credential": credential, "refreshed": True,
+                                          "expires_in": int(token.remaining(time.monotonic()))})
         try:
             token = await manager.refresh_now()
         except RefreshThrottled as exc:
@@ -108,8 +129,8 @@ class AdminRoutes:
             return response
         except TokenUnavailable as exc:
             return admin_error(503, str(exc))
-        return web.json_response({"app": name, "expires_in": int(token.remaining(time.monotonic())),
-                                  "refreshed": True})
+        return web.json_response({"app": name, "credential": credential,
+                                  "expires_in": int(token.remaining(time.monotonic())), "refreshed": True})
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = await self.sidecar.metrics.render()

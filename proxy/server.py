@@ -97,9 +97,13 @@ class Sidecar:
 
         fetcher = TicketFetcher(app, self.session, self.config.upstream.timeout_s, api=kind, path=spec.path,
                                 query=spec.query, token=current_token, invalidate=token.invalidate)
-        return TokenManager(app, fetcher, self.store, role=self.config.store.role,
-                            on_store_down=self.config.store.on_store_down,
-                            key=credential_key(kind, app), name=f"{app.name}/{kind}")
+        manager = TokenManager(app, fetcher, self.store, role=self.config.store.role,
+                               on_store_down=self.config.store.on_store_down,
+                               key=credential_key(kind, app), name=f"{app.name}/{kind}")
+        m = self.metrics
+        manager.on_refresh = lambda reason: m.refreshes.labels(manager.name, reason).inc()
+        manager.on_fetch = lambda result: m.fetches.labels(app.name, kind, result).inc()
+        return manager
 
     def reload(self, new: Config) -> list[str]:
         """Apply a new config without dropping calls: apps (and their secrets),

@@ -256,3 +256,13 @@ async def test_store_errors_are_counted_in_the_metrics(sim, redis_server, make_s
     async with http.get(f"{sc.base}/cgi-bin/user/info") as resp:
         assert resp.status == 200                  # fetched locally: the store is down
     assert await store_errors() >= 1
+
+
+async def test_two_sidecars_on_one_redis_fetch_one_ticket_between_them(sim, redis_server, spawn, http):
+    replicas = start_replicas(spawn, sim, redis_server, 2)
+    await all_ready(replicas)
+    results = await asyncio.gather(*(call(http, r, "/cgi-bin/ticket/getticket?type=jsapi")
+                                     for r in replicas for _ in range(10)))
+    assert all(status == 200 for status, _ in results)
+    assert len({body["ticket"] for _, body in results}) == 1
+    assert sim.ticket_fetch_count("jsapi") == 1                  # one fetch for the cluster

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from json import loads as json_loads
 import time
 
 import pytest
@@ -235,3 +236,32 @@ def test_agentid_is_for_wecom_apps_and_is_a_number():
         parse(base % ("stable", "1000002"), "<t>", env={})
     with pytest.raises(ConfigError, match="agentid.*must be the application's number"):
         parse(base % ("wecom", "abc"), "<t>", env={})
+
+
+# ---------------------------------------------------------------- operators
+
+async def test_admin_refresh_of_one_ticket_is_one_fetch_and_apps_show_tickets_but_never_one(
+        sim, make_sidecar, http, caplog):
+    sc = await make_sidecar()
+    ticket = (await getticket(http, sc.base))["ticket"]
+    sim.settings.ticket_ttl_s = 7200
+    sim.tickets.clear()                              # WeChat would hand out a new ticket now
+    before = sim.ticket_fetch_count("jsapi")
+    async with http.post(f"{sc.admin}/admin/refresh", params={"app": "mp", "credential": "jsapi_ticket"}) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body["credential"] == "jsapi_ticket" and body["refreshed"] is True
+    assert sim.ticket_fetch_count("jsapi") == before + 1
+    assert (await getticket(http, sc.base))["ticket"] != ticket
+    async with http.post(f"{sc.admin}/admin/refresh", params={"app": "mp", "credential": "agent_config_ticket"}) as resp:
+        assert resp.status == 400 and "jsapi_ticket" in (await resp.json())["errmsg"]
+    async with http.get(f"{sc.admin}/admin/apps") as resp:
+        text = await resp.text()
+    app = json_loads(text)["apps"][0]
+    assert set(app["credentials"]) == {"jsapi_ticket"} and app["credentials"]["jsapi_ticket"]["fetches_ok"] == 2
+    async with http.get(f"{sc.admin}/metrics") as resp:
+        metrics = await resp.text()
+    assert 'wts_token_fetches_total{api="jsapi_ticket",app="mp",result="ok"} 2.0' in metrics
+    current = sc.sidecar.managers["mp"].credential("jsapi_ticket").current().value
+    for value in (ticket, current):                  # no ticket in the admin answers, the metrics or the logs
+        assert value not in text and value not in metrics and value not in caplog.text
