@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -17,7 +17,17 @@ from .tokens import RefreshThrottled, TokenUnavailable
 from .tokens.store import StoreUnavailable
 
 if TYPE_CHECKING:
-    from .server import Sidecar
+    from .config import Config
+    from .metrics import Metrics
+    from .tokens import TokenManager
+
+
+class Sidecar(Protocol):
+    """What the admin routes read of the running sidecar (server.Sidecar),
+    named here so that this module does not import the server that serves it."""
+    config: "Config"
+    managers: "dict[str, TokenManager]"
+    metrics: "Metrics"
 
 
 # The classic Prometheus text format, which every Prometheus version scrapes.
@@ -47,7 +57,7 @@ def bearer_matches(header: str | None, token: str) -> bool:
 
 
 class AdminRoutes:
-    def __init__(self, sidecar: "Sidecar"):
+    def __init__(self, sidecar: Sidecar):
         self.sidecar = sidecar
 
     async def healthz(self, request: web.Request) -> web.Response:

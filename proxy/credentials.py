@@ -45,8 +45,6 @@ def store_key(kind: str, app: App) -> str:
 def local_kind(app: App, path: str, raw_query: str) -> str | None:
     """The credential a call asks for and the sidecar answers itself, if any:
     only GET-able ticket paths of the app's own account kind."""
-    if path not in _LOCAL_PATHS:
-        return None
     types = parse_qs(raw_query).get("type", [""])
     kind = LOCAL_ANSWERS.get((path, types[0]))
     if kind is None or KINDS[kind].wecom != (app.token_api == "wecom"):
@@ -54,4 +52,4 @@ def local_kind(app: App, path: str, raw_query: str) -> str | None:
     return kind
 
 
-_LOCAL_PATHS = frozenset(path for path, _ in LOCAL_ANSWERS)
+TICKET_PATHS = frozenset(path for path, _ in LOCAL_ANSWERS)

@@ -14,12 +14,12 @@ import re
 import time
 import uuid
 import zlib
-from typing import Any
+from typing import Any, Awaitable, Callable
 from urllib.parse import quote, unquote
 
 from .config import App, Config
 from . import jssdk
-from .credentials import local_kind
+from .credentials import TICKET_PATHS, local_kind
 from .httpserver import JSON_HEADER, BodyError, Header, Reply, Request, http_date, json_error_body
 from .logs import AccessLog
 from .metrics import Metrics
@@ -259,6 +259,14 @@ class Forwarder:
                                         *(h.lower().strip("[]") for h in config.listen.allowed_hosts)})
         self._host_verdicts: dict[bytes, bool] = {}   # by the raw Host value; bounded
         self.metrics = metrics or Metrics()
+        # The calls the sidecar answers itself, path -> handler; a handler
+        # answering None leaves the call to be forwarded (a getticket of
+        # another type, a token path with another method).
+        self.local: dict[str, Callable[[Request, App, TokenManager, str], Awaitable[Reply | None]]] = {
+            **{path: self._answer_locally for path in LOCAL_TOKEN_PATHS},
+            **{path: self._answer_ticket for path in TICKET_PATHS},
+            JSSDK_PATH: self._jssdk,
+        }
         # Request ids: a per-process random prefix and a counter (uuid4 per
         # call cost 4 % of the proxy's CPU).
         self._id_prefix = uuid.uuid4().hex[:8]
@@ -347,20 +355,18 @@ class Forwarder:
 
     async def _handle(self, request: Request, app: App, path: str) -> _Result:
         manager = self.managers[app.name]
-        if path.startswith(SIDECAR_ROOT) and (len(path) == len(SIDECAR_ROOT) or path[len(SIDECAR_ROOT)] == "/"):
-            if path == JSSDK_PATH and request.method == "GET":
-                return await self._jssdk(request, app, manager), None, None
+        local = self.local.get(path)
+        if local is None and path.startswith(SIDECAR_ROOT) and (
+                len(path) == len(SIDECAR_ROOT) or path[len(SIDECAR_ROOT)] == "/"):
             return sidecar_error(404, f"no sidecar endpoint {path[:128]}", outcome="bad_request"), None, None
         if request.body_exists:
             refused = self._continue(request)
             if refused is not None:
                 return refused, None, None
-        if path in LOCAL_TOKEN_PATHS:
-            local = await self._answer_locally(request, app, manager, path)
-            if local is not None:
-                return local, None, None
-        elif request.method == "GET" and (kind := local_kind(app, path, request.query)) is not None:
-            return await self._answer_credential(manager.credential(kind)), None, None
+        if local is not None:
+            reply = await local(request, app, manager, path)
+            if reply is not None:
+                return reply, None, None
 
         body = b""
         if request.body_exists:
@@ -496,9 +502,11 @@ class Forwarder:
         return Reply(200, [JSON_HEADER, (b"Cache-Control", b"no-store"), (b"Date", http_date())],
                      json.dumps(payload).encode())
 
-    async def _jssdk(self, request: Request, app: App, manager: TokenManager) -> Reply:
+    async def _jssdk(self, request: Request, app: App, manager: TokenManager, path: str) -> Reply:
         """wx.config's fields for a page, signed with the app's jsapi ticket
         (WeCom: the corp ticket, or with kind=agent the agent ticket)."""
+        if request.method != "GET":
+            return sidecar_error(405, f"{path} answers GET only", outcome="bad_request")
         try:
             url, agent = jssdk.parse(request.query)
         except jssdk.BadRequest as exc:
@@ -520,9 +528,13 @@ class Forwarder:
                      json.dumps(payload).encode())
 
     @staticmethod
-    async def _answer_credential(manager: TokenManager) -> Reply:
+    async def _answer_ticket(request: Request, app: App, manager: TokenManager, path: str) -> Reply | None:
         """A ticket, in WeChat's shape, from the app's managed one: never a
         fetch of the caller's own, never forwarded (DESIGN.md, Tickets)."""
+        kind = local_kind(app, path, request.query) if request.method == "GET" else None
+        if kind is None:
+            return None
+        manager = manager.credential(kind)
         try:
             ticket = manager.current() or await manager.get()
         except TokenUnavailable as exc:

@@ -265,3 +265,10 @@ async def test_admin_refresh_of_one_ticket_is_one_fetch_and_apps_show_tickets_bu
     current = sc.sidecar.managers["mp"].credential("jsapi_ticket").current().value
     for value in (ticket, current):                  # no ticket in the admin answers, the metrics or the logs
         assert value not in text and value not in metrics and value not in caplog.text
+
+
+async def test_jssdk_answers_get_only_and_is_never_forwarded(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    async with http.post(f"{sc.base}/sidecar/jssdk?url=https%3A%2F%2Fa.example%2F", data=b"{}") as resp:
+        assert resp.status == 405 and (await resp.json())["errmsg"].startswith("sidecar: ")
+    assert sim.business_received == 0 and sim.ticket_fetch_count() == 0
