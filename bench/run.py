@@ -87,6 +87,10 @@ NGINX_UPSTREAM = NGINX_HEAD + """
             default_type application/json;
             return 200 '{user_info}';
         }}
+        location = /cgi-bin/ticket/getticket {{
+            default_type application/json;
+            return 200 '{{"errcode":0,"errmsg":"ok","ticket":"BENCH_TICKET_$arg_type","expires_in":7200}}';
+        }}
         location = /cgi-bin/tags/get {{
             default_type application/json;
             if ($stale) {{
@@ -277,6 +281,16 @@ class Target:
         self.r["rotation_rps"] = res["rps"] if not self._count(res) else float("nan")
         self.r["replayed_share"] = (replays(metrics_url) - before) / max(1, res["requests"])
 
+    def local_answers(self, seconds: int) -> None:
+        """The calls the sidecar answers itself (no upstream): getticket and
+        /sidecar/jssdk, against a forwarded JSON GET measured right before."""
+        forwarded = wrk(self.get, 64, seconds)
+        ticket = wrk(f"{self.base}/cgi-bin/ticket/getticket?type=jsapi", 64, seconds)
+        signed = wrk(f"{self.base}/sidecar/jssdk?url=https%3A%2F%2Fshop.example.com%2Fitem%3Fid%3D7", 64, seconds)
+        if not (self._count(forwarded) or self._count(ticket) or self._count(signed)):
+            self.r["getticket_vs_forwarded"] = ticket["rps"] / forwarded["rps"]
+            self.r["jssdk_vs_forwarded"] = signed["rps"] / forwarded["rps"]
+
     def summarise(self) -> None:
         for key, values in self.rounds.items():
             if values:
@@ -384,6 +398,8 @@ def main() -> int:
             if target.name in admins:
                 print(f"{target.name}: a token rotation every 2 s", flush=True)
                 target.rotation(args.seconds, admins[target.name])
+                print(f"{target.name}: getticket and /sidecar/jssdk answered locally", flush=True)
+                target.local_answers(args.seconds)
             target.summarise()
 
     by = {t.name: t.r for t in targets}
@@ -420,6 +436,10 @@ def main() -> int:
             statistics.median(together) if together else float("nan"),
         "store: redis / store: memory throughput, one after the other (figure)":
             paired("get_rps", "sidecar, store: redis", SIDE, ratio),
+        "getticket answered locally / forwarded JSON GET throughput (target >= 1.0)":
+            side.get("getticket_vs_forwarded", float("nan")),
+        "/sidecar/jssdk / forwarded JSON GET throughput (target >= 1.0)":
+            side.get("jssdk_vs_forwarded", float("nan")),
     }
     targets_met = {
         "throughput_2x": figures["throughput vs minimal aiohttp proxy (target >= 2.0)"] >= 2.0,
@@ -430,6 +450,9 @@ def main() -> int:
         "binary_rss_under_16mib": figures["RSS growth over 16 x 20 MiB downloads, MiB (target < 16)"] < 16,
         "binary_half_nginx": figures["binary throughput vs nginx proxy (target >= 0.5)"] >= 0.5,
         "startup_under_1s": figures["start-up to ready, s (target < 1)"] < 1,
+        "getticket_as_fast_as_forwarded": figures[
+            "getticket answered locally / forwarded JSON GET throughput (target >= 1.0)"] >= 1.0,
+        "jssdk_as_fast_as_forwarded": figures["/sidecar/jssdk / forwarded JSON GET throughput (target >= 1.0)"] >= 1.0,
         "redis_0.95": figures["store: redis / store: memory throughput, side by side on one core (target >= 0.95)"]
         >= 0.95,
     }

@@ -142,7 +142,7 @@ async def test_a_ticket_at_the_end_of_its_life_is_replaced_not_served_dead(sim, 
     manager = sc.sidecar.managers["mp"].credential("jsapi_ticket")
 
     def never_believed_longer_than_it_lives() -> bool:
-        held = manager.current()
+        held = sc.sidecar.managers["mp"].credential("jsapi_ticket").current()   # asked for all along
         if held is not None:        # the simulator's clock is the same monotonic clock
             assert held.expires_at <= sim.ticket_values[held.value].expires_at + 0.05, "a dead ticket held as live"
         return held is not None and held.value != first
@@ -272,3 +272,16 @@ async def test_jssdk_answers_get_only_and_is_never_forwarded(sim, make_sidecar, 
     async with http.post(f"{sc.base}/sidecar/jssdk?url=https%3A%2F%2Fa.example%2F", data=b"{}") as resp:
         assert resp.status == 405 and (await resp.json())["errmsg"].startswith("sidecar: ")
     assert sim.business_received == 0 and sim.ticket_fetch_count() == 0
+
+
+async def test_a_ticket_nobody_asks_for_any_more_is_left_to_end_and_costs_no_task(sim, make_sidecar, http):
+    sim.settings.ticket_ttl_s = 0.6
+    sc = await make_sidecar()
+    first = (await getticket(http, sc.base))["ticket"]
+    manager = sc.sidecar.managers["mp"].dependents["jsapi_ticket"]
+    await wait_until(lambda: manager._runner is None, timeout=3)     # not asked again: its refresher ended
+    fetches = sim.ticket_fetch_count("jsapi")
+    await wait_until(lambda: not sim.ticket_valid(first), timeout=3)
+    assert sim.ticket_fetch_count("jsapi") == fetches and manager._runner is None   # nothing planned, none made
+    served = (await getticket(http, sc.base))["ticket"]            # asked again: fetched anew, alive
+    assert sim.ticket_valid(served) and served != first

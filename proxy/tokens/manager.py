@@ -66,6 +66,11 @@ class TokenManager:
         self.key = key or app.store_key
         self.name = name or app.name
         self.dependents: dict[str, TokenManager] = {}     # credentials fetched with this one, made lazily
+        # A lazy credential is refreshed ahead only while it is asked for: one
+        # not asked for during its life is left to end, and its refresher task
+        # ends with it, so an idle credential costs no task and no timer.
+        self.lazy = False
+        self.asked = False
         self.make_dependent: Callable[[TokenManager, str], TokenManager] | None = None
         self.fetcher = fetcher
         self.store = store
@@ -103,7 +108,11 @@ class TokenManager:
             if self.make_dependent is None:
                 raise KeyError(kind)
             manager = self.dependents[kind] = self.make_dependent(self, kind)
+            manager.lazy = True
             manager.start()
+        elif manager._runner is None:
+            manager._runner = asyncio.create_task(manager._run(), name=f"token-refresher:{manager.name}")
+        manager.asked = True
         return manager
 
     async def close(self) -> None:
@@ -140,6 +149,11 @@ class TokenManager:
             if self._inflight is not None:
                 await asyncio.wait({self._inflight})
                 continue
+            if self.lazy and self.state.token is not None and not self.state.failures:
+                if not self.asked:
+                    self._runner = None     # nobody asked during its life: let it end, and stop here
+                    return
+                self.asked = False
             await self._refresh("retry" if self.state.failures or self.state.token is None
                                 else "proactive")
 
