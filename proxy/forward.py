@@ -522,10 +522,9 @@ class Forwarder:
             ticket = credential.current() or await credential.get()
         except TokenUnavailable as exc:
             return sidecar_error(503, str(exc))
-        signed = jssdk.config(ticket.value, url)
-        payload = {"corpid": app.appid, "agentid": app.agentid, **signed} if agent else {"appId": app.appid, **signed}
+        who = {"corpid": app.appid, "agentid": app.agentid} if agent else {"appId": app.appid}
         return Reply(200, [JSON_HEADER, (b"Cache-Control", b"no-store"), (b"Date", http_date())],
-                     json.dumps(payload).encode())
+                     jssdk.answer(who, ticket.value, url))
 
     @staticmethod
     async def _answer_ticket(request: Request, app: App, manager: TokenManager, path: str) -> Reply | None:

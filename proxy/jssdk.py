@@ -10,11 +10,16 @@ without its `#fragment`.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import secrets
 import time
 from urllib.parse import unquote_plus
 
 MAX_URL_BYTES = 4096
+# Spaces and control characters have no place in a page URL (one regex
+# search: a per-character check cost more than the signing).
+_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 class BadRequest(Exception):
@@ -44,15 +49,25 @@ def parse(raw_query: str) -> tuple[str, bool]:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in ("http", "https") or not rest or rest[0] in "/?":
         raise BadRequest("url must be the page's http(s) URL")
-    if any(c.isspace() or ord(c) < 0x20 for c in url):
+    if _UNSAFE.search(url):
         raise BadRequest("url must not contain spaces or control characters")
     if kinds not in ([], ["agent"]):
         raise BadRequest("kind must be agent or left out")
     return url, kinds == ["agent"]
 
 
-def config(ticket: str, url: str, wall: float | None = None) -> dict[str, object]:
-    """timestamp, nonceStr and signature for `url` (without appId / corpid)."""
-    timestamp = int(time.time() if wall is None else wall)
+def answer(who: dict[str, str | None], ticket: str, url: str) -> bytes:
+    """The JSON answer: `who` (appId, or corpid and agentid) and the signed
+    fields. The signed fields are digits and hex, so only `who` needs JSON's
+    escaping, done once per app and kept."""
+    key = tuple(who.items())
+    head = _heads.get(key)
+    if head is None:
+        head = _heads[key] = json.dumps(who)[:-1] + ", "
+    timestamp = int(time.time())
     nonce = secrets.token_hex(8)
-    return {"timestamp": timestamp, "nonceStr": nonce, "signature": signature(ticket, nonce, timestamp, url)}
+    sig = signature(ticket, nonce, timestamp, url)
+    return f'{head}"timestamp": {timestamp}, "nonceStr": "{nonce}", "signature": "{sig}"}}'.encode()
+
+
+_heads: dict[tuple[tuple[str, str | None], ...], str] = {}
