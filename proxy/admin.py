@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 from .config import is_loopback
-from .credentials import KINDS
+from .credentials import kinds_for
 from .httpserver import json_error_body
 from .metrics import CONTENT_TYPE
 from .tokens import RefreshThrottled, TokenUnavailable
@@ -116,20 +116,13 @@ class AdminRoutes:
             return admin_error(404, f"unknown app {name[:64]!r}")
         credential = request.query.get("credential", "token")
         if credential != "token":
-            spec = KINDS.get(credential)
-            if spec is None or spec.wecom != (manager.app.token_api == "wecom"):
-                known = [k for k, v in KINDS.items() if v.wecom == (manager.app.token_api == "wecom")]
+            known = kinds_for(manager.app)
+            if credential not in known:
                 return admin_error(400, f"unknown credential {credential[:64]!r} for app {name}; "
                                         f"one of token, {', '.join(known)}")
-            made = credential in manager.dependents
+            # A credential never asked for is made now; refresh_now then joins
+            # its first fetch, so the refresh asked for is that one fetch.
             manager = manager.credential(credential)
-            if not made:        # its first fetch is the refresh asked for
-                try:
-                    token = await manager.get()
-                except TokenUnavailable as exc:
-                    return admin_error(503, str(exc))
-                return web.json_response({"app": name, "credential": credential, "refreshed": True,
-                                          "expires_in": int(token.remaining(time.monotonic()))})
         try:
             token = await manager.refresh_now()
         except RefreshThrottled as exc:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import parse_qs
 
 from .config import App
+from .httpserver import query_values
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,9 @@ class Kind:
     path: str                         # the WeChat endpoint it is fetched from, with access_token
     query: dict[str, str]
     owner: Callable[[App], str]       # whose it is: the part of its store key after the kind
+
+    def serves(self, app: App) -> bool:
+        return self.wecom == (app.token_api == "wecom")
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
@@ -42,14 +45,23 @@ def store_key(kind: str, app: App) -> str:
     return f"{kind}:{KINDS[kind].owner(app)}"
 
 
+def kinds_for(app: App) -> list[str]:
+    return [name for name, kind in KINDS.items() if kind.serves(app)]
+
+
+def signing_kind(app: App, agent: bool) -> str:
+    """The ticket a JS-SDK config is signed with (DESIGN.md, /sidecar/jssdk)."""
+    if app.token_api != "wecom":
+        return "jsapi_ticket"
+    return "agent_config_ticket" if agent else "corp_jsapi_ticket"
+
+
 def local_kind(app: App, path: str, raw_query: str) -> str | None:
     """The credential a call asks for and the sidecar answers itself, if any:
     only GET-able ticket paths of the app's own account kind."""
-    types = parse_qs(raw_query).get("type", [""])
-    kind = LOCAL_ANSWERS.get((path, types[0]))
-    if kind is None or KINDS[kind].wecom != (app.token_api == "wecom"):
-        return None
-    return kind
+    types = query_values(raw_query, "type")
+    kind = LOCAL_ANSWERS.get((path, types[0] if types else ""))
+    return kind if kind is not None and KINDS[kind].serves(app) else None
 
 
 TICKET_PATHS = frozenset(path for path, _ in LOCAL_ANSWERS)

@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote
 
 from .config import App, Config
 from . import jssdk
-from .credentials import TICKET_PATHS, local_kind
+from .credentials import TICKET_PATHS, local_kind, signing_kind
 from .httpserver import JSON_HEADER, BodyError, Header, Reply, Request, http_date, json_error_body
 from .logs import AccessLog
 from .metrics import Metrics
@@ -105,6 +105,21 @@ LOOPBACK_NAMES = frozenset({"localhost"})
 # The sidecar's own root on the proxy port: never forwarded.
 SIDECAR_ROOT = "/sidecar"
 JSSDK_PATH = "/sidecar/jssdk"
+
+
+def local_reply(body: bytes) -> Reply:
+    """A JSON answer the sidecar makes itself (tokens, tickets, jssdk):
+    never cached by anyone on the way."""
+    return Reply(200, [JSON_HEADER, (b"Cache-Control", b"no-store"), (b"Date", http_date())], body)
+
+
+async def held(manager: TokenManager) -> Token | Reply:
+    """The credential a manager holds (fetched if there is none), or the
+    503 that says why there is none."""
+    try:
+        return manager.current() or await manager.get()
+    except TokenUnavailable as exc:
+        return sidecar_error(503, str(exc))
 
 
 def host_of(authority: str) -> str | None:
@@ -267,6 +282,11 @@ class Forwarder:
             **{path: self._answer_ticket for path in TICKET_PATHS},
             JSSDK_PATH: self._jssdk,
         }
+        # /sidecar/jssdk's answers start with the app's names, made once:
+        # (app, kind=agent) -> the JSON head; no agent head without an agentid.
+        self._jssdk_heads = {(app.name, False): jssdk.head({"appId": app.appid}) for app in config.apps}
+        self._jssdk_heads.update({(app.name, True): jssdk.head({"corpid": app.appid, "agentid": app.agentid})
+                                  for app in config.apps if app.agentid is not None})
         # Request ids: a per-process random prefix and a counter (uuid4 per
         # call cost 4 % of the proxy's CPU).
         self._id_prefix = uuid.uuid4().hex[:8]
@@ -499,8 +519,7 @@ class Forwarder:
         payload: dict[str, Any] = {"access_token": token.value, "expires_in": left}
         if wecom:
             payload = {"errcode": 0, "errmsg": "ok", **payload}
-        return Reply(200, [JSON_HEADER, (b"Cache-Control", b"no-store"), (b"Date", http_date())],
-                     json.dumps(payload).encode())
+        return local_reply(json.dumps(payload).encode())
 
     async def _jssdk(self, request: Request, app: App, manager: TokenManager, path: str) -> Reply:
         """wx.config's fields for a page, signed with the app's jsapi ticket
@@ -511,20 +530,15 @@ class Forwarder:
             url, agent = jssdk.parse(request.query)
         except jssdk.BadRequest as exc:
             return sidecar_error(400, str(exc), outcome="bad_request")
-        wecom = app.token_api == "wecom"
-        if agent and not wecom:
+        if agent and app.token_api != "wecom":
             return sidecar_error(400, f"kind=agent is for WeCom apps; app {app.name} is not one", outcome="bad_request")
-        if agent and app.agentid is None:
+        head = self._jssdk_heads.get((app.name, agent))
+        if head is None:                    # only kind=agent without an agentid lacks one
             return sidecar_error(400, f"app {app.name} has no agentid in the config", outcome="bad_request")
-        kind = ("agent_config_ticket" if agent else "corp_jsapi_ticket") if wecom else "jsapi_ticket"
-        credential = manager.credential(kind)
-        try:
-            ticket = credential.current() or await credential.get()
-        except TokenUnavailable as exc:
-            return sidecar_error(503, str(exc))
-        who = {"corpid": app.appid, "agentid": app.agentid} if agent else {"appId": app.appid}
-        return Reply(200, [JSON_HEADER, (b"Cache-Control", b"no-store"), (b"Date", http_date())],
-                     jssdk.answer(who, ticket.value, url))
+        ticket = await held(manager.credential(signing_kind(app, agent)))
+        if isinstance(ticket, Reply):
+            return ticket
+        return local_reply(jssdk.answer(head, ticket.value, url))
 
     @staticmethod
     async def _answer_ticket(request: Request, app: App, manager: TokenManager, path: str) -> Reply | None:
@@ -533,15 +547,12 @@ class Forwarder:
         kind = local_kind(app, path, request.query) if request.method == "GET" else None
         if kind is None:
             return None
-        manager = manager.credential(kind)
-        try:
-            ticket = manager.current() or await manager.get()
-        except TokenUnavailable as exc:
-            return sidecar_error(503, str(exc))
+        ticket = await held(manager.credential(kind))
+        if isinstance(ticket, Reply):
+            return ticket
         left = max(1, int(ticket.remaining(time.monotonic())))
         payload = {"errcode": 0, "errmsg": "ok", "ticket": ticket.value, "expires_in": left}
-        return Reply(200, [JSON_HEADER, (b"Cache-Control", b"no-store"), (b"Date", http_date())],
-                     json.dumps(payload).encode())
+        return local_reply(json.dumps(payload).encode())
 
     # ------------------------------------------------------------ upstream
 

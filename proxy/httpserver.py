@@ -30,6 +30,7 @@ import socket
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Awaitable, Callable, Iterable
+from urllib.parse import unquote_plus
 
 import httptools
 
@@ -65,6 +66,18 @@ _METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "OPT
 # The only request versions served (RFC 9112 §2.3: HTTP/1.x); `HTTP/2.0` in a
 # request line is 505, anything else (HTTP/0.9's line without a version) 400.
 _VERSIONS = frozenset({"1.0", "1.1"})
+
+def query_values(raw_query: str, name: str) -> list[str]:
+    """The decoded values of one query parameter, read by hand: the few
+    local answers that read a parameter do it per call, and parse_qs took
+    8 µs a call there."""
+    values = []
+    for part in raw_query.split("&"):
+        key, _, value = part.partition("=")
+        if key == name:
+            values.append(unquote_plus(value))
+    return values
+
 
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _NO_BODY_STATUSES = frozenset({204, 304})

@@ -93,7 +93,7 @@ class Sidecar:
         app, spec = token.app, KINDS[kind]
 
         async def current_token() -> str:
-            return (token.current() or await token.get()).value
+            return (await token.get()).value
 
         fetcher = TicketFetcher(app, self.session, self.config.upstream.timeout_s, api=kind, path=spec.path,
                                 query=spec.query, token=current_token, invalidate=token.invalidate)

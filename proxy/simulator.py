@@ -467,18 +467,17 @@ class WeChatSimulator:
         return self._json({"errcode": 0, "errmsg": "ok", "ticket": current.value,
                            "expires_in": int(ttl) if ttl == int(ttl) else ttl})
 
-    def _ticket_owner(self, request: web.Request) -> tuple[Issued | None, web.Response | None]:
+    def _ticket_owner(self, request: web.Request) -> Issued | web.Response:
+        """The token a ticket fetch came with, or WeChat's answer to a bad one."""
         value = request.query.get("access_token")
         error = self.token_error(value)
-        if error is not None:
-            return None, self._error(*error)
-        return self.tokens[value or ""], None
+        return self._error(*error) if error is not None else self.tokens[value or ""]
 
     async def getticket(self, request: web.Request) -> web.Response:
         """GET /cgi-bin/ticket/getticket?type=jsapi|wx_card (Official Accounts)."""
-        issued, error = self._ticket_owner(request)
-        if error is not None or issued is None:
-            return error or self._error(40001, "invalid credential")
+        issued = self._ticket_owner(request)
+        if isinstance(issued, web.Response):
+            return issued
         kind = request.query.get("type", "")
         if kind not in ("jsapi", "wx_card"):
             return self._error(40097, "invalid args")
@@ -486,17 +485,17 @@ class WeChatSimulator:
 
     async def wecom_corp_ticket(self, request: web.Request) -> web.Response:
         """GET /cgi-bin/get_jsapi_ticket: the corp's ticket, shared by its apps."""
-        issued, error = self._ticket_owner(request)
-        if error is not None or issued is None:
-            return error or self._error(40014, "invalid access_token")
+        issued = self._ticket_owner(request)
+        if isinstance(issued, web.Response):
+            return issued
         corpid = issued.key.split(":")[1]
         return self._ticket("corp_jsapi", corpid, self.settings.wecom_corp_ticket_hourly_limit)
 
     async def wecom_agent_ticket(self, request: web.Request) -> web.Response:
         """GET /cgi-bin/ticket/get?type=agent_config: one application's ticket."""
-        issued, error = self._ticket_owner(request)
-        if error is not None or issued is None:
-            return error or self._error(40014, "invalid access_token")
+        issued = self._ticket_owner(request)
+        if isinstance(issued, web.Response):
+            return issued
         if request.query.get("type") != "agent_config":
             return self._error(40097, "invalid args")
         return self._ticket("agent_config", issued.key, self.settings.wecom_agent_ticket_hourly_limit)

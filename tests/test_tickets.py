@@ -139,10 +139,10 @@ async def test_a_ticket_at_the_end_of_its_life_is_replaced_not_served_dead(sim, 
     sim.settings.ticket_ttl_s = 1.0
     sc = await make_sidecar()
     first = (await getticket(http, sc.base))["ticket"]
-    manager = sc.sidecar.managers["mp"].credential("jsapi_ticket")
+    token_manager = sc.sidecar.managers["mp"]
 
     def never_believed_longer_than_it_lives() -> bool:
-        held = sc.sidecar.managers["mp"].credential("jsapi_ticket").current()   # asked for all along
+        held = token_manager.credential("jsapi_ticket").current()   # asked for all along
         if held is not None:        # the simulator's clock is the same monotonic clock
             assert held.expires_at <= sim.ticket_values[held.value].expires_at + 0.05, "a dead ticket held as live"
         return held is not None and held.value != first
@@ -285,3 +285,10 @@ async def test_a_ticket_nobody_asks_for_any_more_is_left_to_end_and_costs_no_tas
     assert sim.ticket_fetch_count("jsapi") == fetches and manager._runner is None   # nothing planned, none made
     served = (await getticket(http, sc.base))["ticket"]            # asked again: fetched anew, alive
     assert sim.ticket_valid(served) and served != first
+
+
+async def test_admin_refresh_of_a_ticket_never_asked_for_is_its_one_first_fetch(sim, make_sidecar, http):
+    sc = await make_sidecar()
+    async with http.post(f"{sc.admin}/admin/refresh", params={"app": "mp", "credential": "wx_card_ticket"}) as resp:
+        assert resp.status == 200 and (await resp.json())["refreshed"] is True
+    assert sim.ticket_fetch_count("wx_card") == 1

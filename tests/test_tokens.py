@@ -9,7 +9,6 @@ import pytest
 
 from proxy.config import App
 from proxy.tokens import FailureKind, Fetched, FetchError, MemoryStore, TokenManager, TokenState, TokenUnavailable
-from proxy.tokens import policy
 from proxy.tokens.policy import classify, retry_delay
 
 from .conftest import wait_until

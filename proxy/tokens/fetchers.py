@@ -181,17 +181,18 @@ class TicketFetcher(_HttpFetcher):
         return {"method": "GET", "url": self.url, "params": {"access_token": self._token, **self.query}}
 
     async def fetch(self, force: bool = False) -> Fetched:
-        for attempt in (1, 2):
+        retried = False
+        while True:
             self._token = await self.token()
             try:
                 return self._life_left(await super().fetch(force))
             except FetchError as exc:
-                if exc.errcode not in TOKEN_ERRORS or attempt == 2:
-                    if exc.errcode in TOKEN_ERRORS:    # the fresh token failed too: not a credential fault
-                        raise FetchError(FailureKind.TRANSIENT, exc.errcode, exc.message) from None
+                if exc.errcode not in TOKEN_ERRORS:
                     raise
-                await self.invalidate(self._token)
-        raise AssertionError("unreachable")
+                if retried:    # the fresh token failed too: not a fault of the ticket's credentials
+                    raise FetchError(FailureKind.TRANSIENT, exc.errcode, exc.message) from None
+            await self.invalidate(self._token)
+            retried = True
 
 
 FETCHERS: dict[str, type[_HttpFetcher]] = {

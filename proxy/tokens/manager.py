@@ -97,7 +97,10 @@ class TokenManager:
         if self._runner is None:
             self.store.watch(self.key, self._on_store_event)
             self._start_refresh("startup")
-            self._runner = asyncio.create_task(self._run(), name=f"token-refresher:{self.name}")
+            self._start_runner()
+
+    def _start_runner(self) -> None:
+        self._runner = asyncio.create_task(self._run(), name=f"token-refresher:{self.name}")
 
     def credential(self, kind: str) -> TokenManager:
         """The manager of a credential fetched with this one (a ticket),
@@ -110,8 +113,8 @@ class TokenManager:
             manager = self.dependents[kind] = self.make_dependent(self, kind)
             manager.lazy = True
             manager.start()
-        elif manager._runner is None:
-            manager._runner = asyncio.create_task(manager._run(), name=f"token-refresher:{manager.name}")
+        elif manager._runner is None:          # it was left to end while nobody asked: ask again
+            manager._start_runner()
         manager.asked = True
         return manager
 
