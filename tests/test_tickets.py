@@ -279,7 +279,7 @@ async def test_a_ticket_nobody_asks_for_any_more_is_left_to_end_and_costs_no_tas
     sc = await make_sidecar()
     first = (await getticket(http, sc.base))["ticket"]
     manager = sc.sidecar.managers["mp"].dependents["jsapi_ticket"]
-    await wait_until(lambda: manager._runner is None, timeout=3)     # not asked again: its refresher ended
+    assert manager._runner is None and manager._inflight is None      # no task, no timer, while held
     fetches = sim.ticket_fetch_count("jsapi")
     await wait_until(lambda: not sim.ticket_valid(first), timeout=3)
     assert sim.ticket_fetch_count("jsapi") == fetches and manager._runner is None   # nothing planned, none made

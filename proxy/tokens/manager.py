@@ -66,11 +66,11 @@ class TokenManager:
         self.key = key or app.store_key
         self.name = name or app.name
         self.dependents: dict[str, TokenManager] = {}     # credentials fetched with this one, made lazily
-        # A lazy credential is refreshed ahead only while it is asked for: one
-        # not asked for during its life is left to end, and its refresher task
-        # ends with it, so an idle credential costs no task and no timer.
+        # A lazy credential (a ticket, an authorizer's token) has no refresher
+        # task and no timer: each ask checks whether it is due and starts the
+        # refresh ahead in the background. One nobody asks for is left to end
+        # and costs nothing but its entry.
         self.lazy = False
-        self.asked = False
         self.make_dependent: Callable[[TokenManager, str], TokenManager] | None = None
         self.fetcher = fetcher
         self.store = store
@@ -81,6 +81,8 @@ class TokenManager:
         self._inflight_starts_at = 0.0
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        self._started = False
+        self._adopting: set[asyncio.Task[None]] = set()
         self._last_force_at = -STABLE_FORCE_SPACING_S
         self.role, self.on_store_down = role, on_store_down
         self.local_fetches_store_down = 0
@@ -88,16 +90,19 @@ class TokenManager:
         self.on_refresh: Callable[[str], None] = lambda reason: None
         self.on_fetch: Callable[[str], None] = lambda result: None
         self.on_rotated: Callable[[], None] = lambda: None
+        self.on_removed: Callable[[], None] = lambda: None     # the credential was deleted (an authorizer)
         self._wake_adopt = False
         self._admin_refreshed: tuple[Token, float] | None = None   # the last passive refresh: token, when
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        if self._runner is None:
+        if not self._started:
+            self._started = True
             self.store.watch(self.key, self._on_store_event)
             self._start_refresh("startup")
-            self._start_runner()
+            if not self.lazy:
+                self._start_runner()
 
     def _start_runner(self) -> None:
         self._runner = asyncio.create_task(self._run(), name=f"token-refresher:{self.name}")
@@ -112,13 +117,27 @@ class TokenManager:
                 raise KeyError(kind)
             manager = self.dependents[kind] = self.make_dependent(self, kind)
             manager.lazy = True
-            manager.start()
-        elif manager._runner is None:          # it was left to end while nobody asked: ask again
-            manager._start_runner()
-        manager.asked = True
-        return manager
+        return manager.ask()
+
+    def ask(self) -> TokenManager:
+        """A lazy credential is asked for: made on the first ask, refreshed
+        in the background when an ask finds it due (the current one is
+        served meanwhile), never refreshed for nobody."""
+        if not self._started:
+            self.start()
+        elif self._inflight is None and self.clock() >= self.state.next_fetch_at() and self.state.token is not None:
+            self._start_refresh("retry" if self.state.failures else "proactive")
+        return self
+
+    def retry_soon(self) -> None:
+        """What a failed fetch lacked has arrived (a platform's verify ticket):
+        try again now rather than after the backoff."""
+        self.state.clear_backoff()
+        self._wake.set()
 
     async def close(self) -> None:
+        if self._started:
+            self.store.unwatch(self.key, self._on_store_event)
         for dependent in self.dependents.values():
             await dependent.close()
         for task in (self._runner, self._inflight):
@@ -152,11 +171,6 @@ class TokenManager:
             if self._inflight is not None:
                 await asyncio.wait({self._inflight})
                 continue
-            if self.lazy and self.state.token is not None and not self.state.failures:
-                if not self.asked:
-                    self._runner = None     # nobody asked during its life: let it end, and stop here
-                    return
-                self.asked = False
             await self._refresh("retry" if self.state.failures or self.state.token is None
                                 else "proactive")
 
@@ -248,20 +262,32 @@ class TokenManager:
         return token
 
     async def _wait_for_token(self, reason: str) -> Token:
-        if self._inflight is None:
-            if self.state.retry_at > self.clock():
-                raise TokenUnavailable(self._reason())
-            self._start_refresh(reason)
-        assert self._inflight is not None
-        wait = self._inflight_starts_at - self.clock()
-        if wait > MAX_CALLER_WAIT_S:
-            raise TokenUnavailable(f"{self._reason()}; next refresh in {wait:.0f} s "
-                                   f"(forced refreshes are limited to protect the daily quota)")
-        await asyncio.shield(self._inflight)
-        token = self.current()
-        if token is None:
-            raise TokenUnavailable(self._reason())
-        return token
+        for attempt in (1, 2):
+            if self._inflight is None or self._inflight_starts_at - self.clock() > MAX_CALLER_WAIT_S:
+                if self.state.retry_at > self.clock():
+                    # Backing off: another sidecar may have what we failed to get.
+                    await self._adopt_from_store()
+                    token = self.current()
+                    if token is not None:
+                        return token
+            if self._inflight is None:
+                if self.state.retry_at > self.clock():
+                    raise TokenUnavailable(self._reason())
+                self._start_refresh(reason)
+            assert self._inflight is not None
+            wait = self._inflight_starts_at - self.clock()
+            if wait > MAX_CALLER_WAIT_S:
+                raise TokenUnavailable(f"{self._reason()}; next refresh in {wait:.0f} s "
+                                       f"(forced refreshes are limited to protect the daily quota)")
+            await asyncio.shield(self._inflight)
+            token = self.current()
+            if token is not None:
+                return token
+            if self.state.failures or self.state.rejected is None:
+                break
+            # The fetch joined began before the token was refused and ended
+            # with that very token (taken from the store): one more, now.
+        raise TokenUnavailable(self._reason())
 
     def _reason(self) -> str:
         return f"app {self.name}: {self.state.unavailable_reason(self.clock())}"
@@ -407,9 +433,18 @@ class TokenManager:
                             extra={"event": "token_rejected", "app": self.name})
                 self.on_rotated()
                 self._wake.set()
+        elif event == "removed":
+            self.on_removed()
         elif event == "new" and self._inflight is None:
             self._wake_adopt = True
             self._wake.set()
+        elif event == "new" and self.current() is None:
+            # A fetch of ours waits out a backoff while another sidecar got
+            # the token (a platform whose verify ticket reached only that
+            # one): take it now rather than after the backoff.
+            task = asyncio.create_task(self._adopt_from_store())
+            self._adopting.add(task)
+            task.add_done_callback(self._adopting.discard)
 
     async def _adopt_from_store(self) -> None:
         try:
