@@ -13,12 +13,14 @@ from .config import is_loopback
 from .credentials import kinds_for
 from .httpserver import json_error_body
 from .metrics import CONTENT_TYPE
+from .platform import authorizer_status
 from .tokens import RefreshThrottled, TokenUnavailable
 from .tokens.store import StoreUnavailable
 
 if TYPE_CHECKING:
     from .config import Config
     from .metrics import Metrics
+    from .platform import Platform
     from .tokens import TokenManager
 
 
@@ -27,7 +29,15 @@ class Sidecar(Protocol):
     named here so that this module does not import the server that serves it."""
     config: "Config"
     managers: "dict[str, TokenManager]"
+    platforms: "dict[str, Platform]"
     metrics: "Metrics"
+
+    def waiting_for_ticket(self, name: str) -> bool: ...
+
+
+# Authorizers imported by one POST /admin/authorizers, and listed per page.
+MAX_IMPORT = 100_000
+MAX_PAGE = 1000
 
 
 # The classic Prometheus text format, which every Prometheus version scrapes.
@@ -65,14 +75,19 @@ class AdminRoutes:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
+        sidecar = self.sidecar
         missing = {name: m.state.unavailable_reason(time.monotonic())
-                   for name, m in self.sidecar.managers.items() if m.current() is None}
+                   for name, m in sidecar.managers.items()
+                   if m.current() is None and not sidecar.waiting_for_ticket(name)}
         if missing:
             return web.json_response({"status": "not ready", "apps": missing}, status=503)
         # Still ready while a valid token is served, but say what is failing.
-        warnings = {name: f"last fetch failed: {m.state.last_failure.describe()}"
-                    for name, m in self.sidecar.managers.items()
-                    if m.state.failures and m.state.last_failure is not None}
+        # A platform that never had a verify ticket is ready: its pod must be
+        # to receive the push that brings one.
+        warnings = {name: ("waiting for the first component_verify_ticket push" if sidecar.waiting_for_ticket(name)
+                           else f"last fetch failed: {m.state.last_failure.describe()}")
+                    for name, m in sidecar.managers.items()
+                    if sidecar.waiting_for_ticket(name) or (m.state.failures and m.state.last_failure is not None)}
         return web.json_response({"status": "ready", **({"warnings": warnings} if warnings else {})})
 
     async def apps(self, request: web.Request) -> web.Response:
@@ -88,8 +103,112 @@ class AdminRoutes:
             status["credentials"] = {kind: {k: v for k, v in dependent.status().items()
                                             if k not in ("name", "appid", "token_api")}
                                      for kind, dependent in manager.dependents.items()}
+            platform = self.sidecar.platforms.get(manager.name)
+            if platform is not None:
+                status["platform"] = await platform.status()
             answers.append(status)
         return web.json_response({"apps": answers})
+
+    # ------------------------------------------------------------ Open Platform
+
+    def _platform(self, request: web.Request) -> "Platform | web.Response":
+        name = request.query.get("app") or next(iter(self.sidecar.platforms), "")
+        platform = self.sidecar.platforms.get(name)
+        if platform is None:
+            platforms = ", ".join(self.sidecar.platforms) or "none configured"
+            return admin_error(404, f"no platform app {name[:64]!r} (token_api: component apps: {platforms})")
+        return platform
+
+    @staticmethod
+    async def _json_body(request: web.Request) -> dict | web.Response:  # type: ignore[type-arg]
+        try:
+            data = await request.json()
+        except ValueError:
+            return admin_error(400, "the body must be JSON")
+        if not isinstance(data, dict):
+            return admin_error(400, "the body must be a JSON object")
+        return data
+
+    async def verify_ticket(self, request: web.Request) -> web.Response:
+        platform = self._platform(request)
+        if isinstance(platform, web.Response):
+            return platform
+        data = await self._json_body(request)
+        if isinstance(data, web.Response):
+            return data
+        ticket = data.get("component_verify_ticket")
+        if not isinstance(ticket, str) or not ticket or not ticket.isprintable() or len(ticket) > 1024:
+            return admin_error(400, "component_verify_ticket must be a non-empty string")
+        try:
+            await platform.store_verify_ticket(ticket)
+        except StoreUnavailable as exc:
+            return admin_error(503, str(exc))
+        return web.json_response({"app": platform.app.name, "stored": True})
+
+    async def import_authorizers(self, request: web.Request) -> web.Response:
+        """One authorizer ({"authorizer_appid", "authorizer_refresh_token"})
+        or many ({"authorizers": [...]}) from an existing platform's database."""
+        platform = self._platform(request)
+        if isinstance(platform, web.Response):
+            return platform
+        data = await self._json_body(request)
+        if isinstance(data, web.Response):
+            return data
+        items = data.get("authorizers", [data]) if "authorizers" in data else [data]
+        if not isinstance(items, list) or not 0 < len(items) <= MAX_IMPORT:
+            return admin_error(400, f"authorizers must be a list of 1 to {MAX_IMPORT} entries")
+        entries: dict[str, str] = {}
+        for index, item in enumerate(items):
+            appid = item.get("authorizer_appid") if isinstance(item, dict) else None
+            refresh = item.get("authorizer_refresh_token") if isinstance(item, dict) else None
+            if not (isinstance(appid, str) and 0 < len(appid) <= 64 and appid.isprintable()
+                    and isinstance(refresh, str) and 0 < len(refresh) <= 1024 and refresh.isprintable()):
+                return admin_error(400, f"entry {index}: needs authorizer_appid and authorizer_refresh_token "
+                                        "(non-empty strings); nothing was imported")
+            entries[appid] = refresh
+        try:
+            await platform.register(entries)
+        except StoreUnavailable as exc:
+            return admin_error(503, f"{exc}; import again: entries already stored are simply overwritten")
+        return web.json_response({"app": platform.app.name, "imported": len(entries)})
+
+    async def list_authorizers(self, request: web.Request) -> web.Response:
+        platform = self._platform(request)
+        if isinstance(platform, web.Response):
+            return platform
+        try:
+            cursor = int(request.query.get("cursor", "0"))
+            count = min(MAX_PAGE, max(1, int(request.query.get("count", "100"))))
+        except ValueError:
+            return admin_error(400, "cursor and count are numbers")
+        try:
+            next_cursor, appids = await platform.store.registry_page(platform.app.appid, cursor, count)
+            total = await platform.store.registry_count(platform.app.appid)
+        except StoreUnavailable as exc:
+            return admin_error(503, str(exc))
+        now = time.monotonic()
+        page = []
+        for appid in appids:
+            manager = platform.managers.peek(appid)      # listing does not make it recently used
+            page.append(authorizer_status(manager, appid, now) if manager is not None
+                        else {"authorizer_appid": appid, "cached": False})
+        return web.json_response({"app": platform.app.name, "authorizers": total,
+                                  "cached": len(platform.managers), "page": page, "next_cursor": next_cursor})
+
+    async def delete_authorizer(self, request: web.Request) -> web.Response:
+        platform = self._platform(request)
+        if isinstance(platform, web.Response):
+            return platform
+        appid = request.query.get("authorizer_appid", "")
+        if not appid:
+            return admin_error(400, "authorizer_appid is required")
+        try:
+            removed = await platform.remove(appid)
+        except StoreUnavailable as exc:
+            return admin_error(503, str(exc))
+        if not removed:
+            return admin_error(404, f"authorizer {appid[:64]!r} is not registered with {platform.app.name}")
+        return web.json_response({"app": platform.app.name, "removed": appid})
 
     @web.middleware
     async def guard(self, request: web.Request, handler) -> web.StreamResponse:
@@ -140,10 +259,15 @@ class AdminRoutes:
         return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.guard])
+        # An import of many authorizers is one POST: up to ~100,000 entries.
+        app = web.Application(middlewares=[self.guard], client_max_size=32 * 1024 * 1024)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/admin/apps", self.apps)
         app.router.add_post("/admin/refresh", self.refresh)
+        app.router.add_post("/admin/component/verify_ticket", self.verify_ticket)
+        app.router.add_post("/admin/authorizers", self.import_authorizers)
+        app.router.add_get("/admin/authorizers", self.list_authorizers)
+        app.router.add_delete("/admin/authorizers", self.delete_authorizer)
         return app

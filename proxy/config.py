@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import yaml
 
+from .wxcrypt import aes_key
+
 # Upload bodies are buffered so a replay sends the same bytes. The largest
 # documented upload is WeCom's 20 MB `file`; 32 MiB covers it plus multipart
 # overhead (wechat-api-notes.md §7).
@@ -50,13 +52,18 @@ DEFAULT_RELOAD_POLL_S = 5.0
 
 WECOM_REFRESH_ERRCODES = frozenset({40014, 42001})
 
-TOKEN_APIS = ("stable", "client_credential", "wecom")
+TOKEN_APIS = ("stable", "client_credential", "wecom", "component")
 
 DEFAULT_UPSTREAMS = {
     "stable": "https://api.weixin.qq.com",
     "client_credential": "https://api.weixin.qq.com",
     "wecom": "https://qyapi.weixin.qq.com",
+    "component": "https://api.weixin.qq.com",
 }
+
+# A platform app (token_api: component) keeps at most this many authorizers'
+# token managers in memory (DESIGN.md, Third-party platforms).
+DEFAULT_MAX_CACHED_AUTHORIZERS = 10000
 
 # An app name is also the first path segment that selects it, so it must not
 # shadow a WeChat path root (`/cgi-bin/...` must never be read as an app).
@@ -145,6 +152,12 @@ class App:
     refresh_errcodes: frozenset[int] | None = None   # None: the account kind's default
     secret_file: str | None = None                    # where the secret was read, if from a file
     agentid: str | None = None                        # WeCom: the application's agentid, for agent JSSDK config
+    # Open Platform (token_api: component): the message token and
+    # EncodingAESKey of the platform's pushes, and the authorizer cache's bound.
+    msg_token: str | None = field(default=None, repr=False)
+    encoding_aes_key: str | None = field(default=None, repr=False)
+    max_cached_authorizers: int = DEFAULT_MAX_CACHED_AUTHORIZERS
+    files: tuple[str, ...] = ()                       # every secret file read for this app
 
     @property
     def store_key(self) -> str:
@@ -174,7 +187,7 @@ class Config:
 
     def watched_files(self) -> tuple[str, ...]:
         """The files this config was made from: itself and the secret files."""
-        return (self.source, *(app.secret_file for app in self.apps if app.secret_file))
+        return (self.source, *(path for app in self.apps for path in app.files))
 
     def refresh_errcodes_for(self, app: App) -> frozenset[int]:
         """Errcodes that mean "this token is bad" for one app. WeCom differs:
@@ -491,21 +504,11 @@ def _parse_app(sec: _Section, file: str, global_upstream: str) -> App:
     if token_api not in TOKEN_APIS:
         raise ConfigError(file, sec.path("token_api"), f"must be one of {', '.join(TOKEN_APIS)}, got {token_api!r}")
 
-    has_secret, has_file = "secret" in sec.data, "secret_file" in sec.data
-    if has_secret == has_file:
+    files: list[str] = []
+    secret = _secret_value(sec, file, "secret", files)
+    if secret is None:
         raise ConfigError(file, sec.path("secret"), "give exactly one of secret or secret_file")
-    secret_path: str | None = None
-    if has_secret:
-        secret = sec.get("secret", _str(file))
-    else:
-        secret_path = sec.get("secret_file", _str(file))
-        try:
-            secret = Path(secret_path).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(file, sec.path("secret_file"), f"cannot read {secret_path}: {exc.__class__.__name__}") from None
-        if not secret:
-            raise ConfigError(file, sec.path("secret_file"), f"{secret_path} is empty")
-
+    secret_path = files[0] if files else None
     # The global upstream is WeChat's API host; WeCom apps default to their own.
     default_upstream = global_upstream
     if token_api == "wecom" and global_upstream == DEFAULT_UPSTREAMS["stable"]:
@@ -521,13 +524,54 @@ def _parse_app(sec: _Section, file: str, global_upstream: str) -> App:
             raise ConfigError(file, sec.path("agentid"), "only WeCom apps (token_api: wecom) have an agentid")
         if not agentid.isdigit() or len(agentid) > 20:
             raise ConfigError(file, sec.path("agentid"), f"must be the application's number, got {agentid[:30]!r}")
+    msg_token = _secret_value(sec, file, "token", files)
+    aes = _secret_value(sec, file, "encoding_aes_key", files)
+    has_max_cached = "max_cached_authorizers" in sec.data
+    max_cached = sec.get("max_cached_authorizers", _number(file, int, 1, 10_000_000), DEFAULT_MAX_CACHED_AUTHORIZERS)
+    for key, given in (("token", msg_token), ("encoding_aes_key", aes),
+                       ("max_cached_authorizers", has_max_cached)):
+        if given and token_api != "component":
+            raise ConfigError(file, sec.path(key), "only platform apps (token_api: component) take this key")
+    if (msg_token is None) != (aes is None):
+        raise ConfigError(file, sec.path("encoding_aes_key" if aes is None else "token"),
+                          "a platform's pushes need both token and encoding_aes_key (or neither, "
+                          "if verify tickets and authorizers come through the admin port only)")
+    if aes is not None:
+        try:
+            aes_key(aes)
+        except ValueError as exc:
+            raise ConfigError(file, sec.path("encoding_aes_key"),
+                              f"the platform's EncodingAESKey {exc}") from None
     sec.done()
     return App(
         name=name, appid=appid, secret=secret, token_api=token_api,
         refresh_before_s=refresh_before_s, upstream=upstream,
         min_refresh_interval_s=min_interval, inject_secret=inject_secret, refresh_errcodes=codes,
-        secret_file=secret_path, agentid=agentid,
+        secret_file=secret_path, agentid=agentid, msg_token=msg_token, encoding_aes_key=aes,
+        max_cached_authorizers=max_cached, files=tuple(files),
     )
+
+
+def _secret_value(sec: _Section, file: str, key: str, files: list[str]) -> str | None:
+    """A secret given inline (`key`) or read from a file (`key_file`), or
+    None when neither is given; both given is an error. A file read is
+    added to `files` (they are watched for changes)."""
+    has_value, has_file = key in sec.data, f"{key}_file" in sec.data
+    if has_value and has_file:
+        raise ConfigError(file, sec.path(key), f"give exactly one of {key} or {key}_file")
+    if has_value:
+        return sec.get(key, _str(file))
+    if not has_file:
+        return None
+    path = sec.get(f"{key}_file", _str(file))
+    try:
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(file, sec.path(f"{key}_file"), f"cannot read {path}: {exc.__class__.__name__}") from None
+    if not value:
+        raise ConfigError(file, sec.path(f"{key}_file"), f"{path} is empty")
+    files.append(path)
+    return value
 
 
 def is_loopback(host: str) -> bool:

@@ -23,7 +23,9 @@ from .credentials import TICKET_PATHS, local_kind, signing_kind
 from .httpserver import JSON_HEADER, BodyError, Header, Reply, Request, http_date, json_error_body
 from .logs import AccessLog
 from .metrics import Metrics
+from .platform import AUTHORIZER_APPID_RE, Platform, PushRefused
 from .tokens import Token, TokenManager, TokenUnavailable
+from .tokens.store import StoreUnavailable
 from .upstream import Response, UpstreamError, UpstreamPool, UpstreamTimeout
 
 log = logging.getLogger("proxy.forward")
@@ -40,7 +42,7 @@ SNIFF_LIMIT = 64 * 1024
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
     "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
-    "Host", "Content-Length", "X-WeChat-App",
+    "Host", "Content-Length", "X-WeChat-App", "X-WeChat-Authorizer",
     # The sidecar answers the app's 100-continue itself and holds the whole
     # body; forwarded, it would only make the upstream send an interim 100.
     "Expect",
@@ -96,7 +98,8 @@ SIDECAR_ERRCODE_HEADER = "X-Sidecar-Upstream-Errcode"
 
 # Request headers the proxy port's server notes while parsing (Request.noted),
 # so that no call searches its headers for them.
-NOTED_HEADERS = (b"x-wechat-app", b"x-request-id", b"host", b"origin", b"sec-fetch-site")
+NOTED_HEADERS = (b"x-wechat-app", b"x-request-id", b"host", b"origin", b"sec-fetch-site",
+                 b"x-wechat-authorizer")
 
 # The proxy port is a loopback service (DESIGN.md, "Proxy port: who may call
 # it"): a Host naming anything else is a browser led there by DNS rebinding.
@@ -105,6 +108,9 @@ LOOPBACK_NAMES = frozenset({"localhost"})
 # The sidecar's own root on the proxy port: never forwarded.
 SIDECAR_ROOT = "/sidecar"
 JSSDK_PATH = "/sidecar/jssdk"
+COMPONENT_EVENT_PATH = "/sidecar/component/event"
+COMPONENT_ROOT = "/cgi-bin/component/"
+QUERY_AUTH_PATH = "/cgi-bin/component/api_query_auth"
 
 
 def local_reply(body: bytes) -> Reply:
@@ -226,23 +232,25 @@ def add_missing_params(raw_query: str, params: dict[str, str]) -> str:
     return "&".join(([raw_query] if raw_query else []) + extra)
 
 
-def strip_access_token(raw_query: str) -> str:
-    """Drop every `access_token` parameter, keeping the rest byte for byte."""
+def strip_access_token(raw_query: str, name: str = "access_token") -> str:
+    """Drop every `name` parameter, keeping the rest byte for byte."""
     kept = [part for part in raw_query.split("&")
-            if part and unquote(part.split("=", 1)[0]) != "access_token"]
+            if part and unquote(part.split("=", 1)[0]) != name]
     return "&".join(kept)
 
 
-@functools.lru_cache(maxsize=8)
-def _token_param(token: str) -> str:
+@functools.lru_cache(maxsize=64)
+def _token_param(token: str, name: str) -> str:
     """The query parameter for a token, built once per token, not per call."""
-    return "access_token=" + quote(token, safe="")
+    return f"{name}=" + quote(token, safe="")
 
 
-def with_token(raw_query: str, token: str) -> str:
+def with_token(raw_query: str, token: str, name: str = "access_token") -> str:
+    """The query with `name` (access_token, or a platform's
+    component_access_token) set to the token, replacing any the caller sent."""
     if "access" in raw_query or "%" in raw_query:
-        raw_query = strip_access_token(raw_query)
-    param = _token_param(token)
+        raw_query = strip_access_token(raw_query, name)
+    param = _token_param(token, name)
     return f"{raw_query}&{param}" if raw_query else param
 
 
@@ -260,9 +268,10 @@ _Result = tuple[Reply, "int | None", "int | None"]
 class Forwarder:
     def __init__(self, config: Config, managers: dict[str, TokenManager],
                  pools: dict[str, UpstreamPool], metrics: Metrics | None = None,
-                 access: AccessLog | None = None):
+                 access: AccessLog | None = None, platforms: dict[str, Platform] | None = None):
         self.config = config
         self.managers = managers
+        self.platforms = platforms or {}
         self.pools = pools
         self.access = access or AccessLog(config.log.format)
         self.apps = {app.name: app for app in config.apps}
@@ -281,6 +290,12 @@ class Forwarder:
             **{path: self._answer_locally for path in LOCAL_TOKEN_PATHS},
             **{path: self._answer_ticket for path in TICKET_PATHS},
             JSSDK_PATH: self._jssdk,
+        }
+        # A platform app's own local answers (DESIGN.md, Third-party platforms).
+        self.platform_local: dict[str, Callable[[Request, App, TokenManager, str], Awaitable[Reply | None]]] = {
+            "/cgi-bin/component/api_component_token": self._component_token,
+            "/cgi-bin/component/api_authorizer_token": self._authorizer_token,
+            COMPONENT_EVENT_PATH: self._component_event,
         }
         # /sidecar/jssdk's answers start with the app's names, made once:
         # (app, kind=agent) -> the JSON head; no agent head without an agentid.
@@ -374,8 +389,18 @@ class Forwarder:
         return response
 
     async def _handle(self, request: Request, app: App, path: str) -> _Result:
-        manager = self.managers[app.name]
-        local = self.local.get(path)
+        manager: TokenManager | None = self.managers[app.name]
+        param = "access_token"
+        platform = self.platforms.get(app.name) if self.platforms else None
+        if platform is None:
+            local = self.local.get(path)
+            if path.startswith(self.no_token_prefixes):
+                manager = None               # pass-through: the call carries its own credentials (§5)
+        else:
+            chosen = await self._platform_route(request, platform, path)
+            if isinstance(chosen, Reply):
+                return chosen, None, None
+            manager, path, param, local = chosen
         if local is None and path.startswith(SIDECAR_ROOT) and (
                 len(path) == len(SIDECAR_ROOT) or path[len(SIDECAR_ROOT)] == "/"):
             return sidecar_error(404, f"no sidecar endpoint {path[:128]}", outcome="bad_request"), None, None
@@ -384,6 +409,7 @@ class Forwarder:
             if refused is not None:
                 return refused, None, None
         if local is not None:
+            assert manager is not None
             reply = await local(request, app, manager, path)
             if reply is not None:
                 return reply, None, None
@@ -402,8 +428,7 @@ class Forwarder:
             values = {"appid": app.appid, "secret": app.secret, "appsecret": app.secret}
             raw_query = add_missing_params(raw_query, {n: values[n] for n in SECRET_PARAMS[path]})
 
-        if path.startswith(self.no_token_prefixes):
-            # Pass-through: the call carries its own credentials (§5).
+        if manager is None:
             target = f"{path}?{raw_query}" if raw_query else path
             result = await self._exchange(request, target, headers, body, None, None, app, path, "")
             if not result[0].outcome:
@@ -414,12 +439,61 @@ class Forwarder:
             token = manager.current() or await manager.get()
         except TokenUnavailable as exc:
             return sidecar_error(503, str(exc)), None, None
-        target = f"{path}?{with_token(raw_query, token.value)}"
-        return await self._exchange(request, target, headers, body, token, manager, app, path, raw_query)
+        target = f"{path}?{with_token(raw_query, token.value, param)}"
+        result = await self._exchange(request, target, headers, body, token, manager, app, path, raw_query, param)
+        if path == QUERY_AUTH_PATH and platform is not None:
+            await self._register_from(platform, result[0])
+        return result
+
+    async def _platform_route(self, request: Request, platform: Platform, path: str
+                              ) -> tuple[TokenManager | None, str, str, Any] | Reply:
+        """A platform app's call: for an authorizer (X-WeChat-Authorizer or
+        the path prefix /<app>/<authorizer appid>/), with the component token
+        (/cgi-bin/component/...), one of the platform's own endpoints, or a
+        pass-through; anything else lacks the account it is for."""
+        named = request.noted.get(b"x-wechat-authorizer")
+        appid = named.decode("latin-1").strip() if named is not None else None
+        if appid is None:
+            first, slash, rest = path[1:].partition("/")
+            if AUTHORIZER_APPID_RE.match(first):
+                appid, path = first, "/" + rest
+        if appid is not None:
+            try:
+                manager = await platform.authorizer(appid)
+            except StoreUnavailable as exc:
+                return sidecar_error(503, f"authorizer {appid[:64]!r}: {exc}")
+            if manager is None:
+                return sidecar_error(404, f"unknown authorizer {appid[:64]!r} for platform app {platform.app.name} "
+                                          "(authorized accounts register through the authorized push, "
+                                          "api_query_auth or POST /admin/authorizers)", outcome="bad_request")
+            return manager, path, "access_token", self.local.get(path) if path in LOCAL_TOKEN_PATHS else None
+        component = platform.component
+        local = self.platform_local.get(path)
+        if local is not None or path.startswith(COMPONENT_ROOT):
+            return component, path, "component_access_token", local
+        if path.startswith(SIDECAR_ROOT) or path.startswith(self.no_token_prefixes):
+            return None, path, "", None   # a pass-through, or the 404 of an unknown /sidecar/ path
+        return sidecar_error(400, f"a call for platform app {platform.app.name} names the authorized account: "
+                                  "header X-WeChat-Authorizer: <appid> or the path prefix "
+                                  f"/{platform.app.name}/<authorizer appid>/ (component calls go to "
+                                  "/cgi-bin/component/...)", outcome="bad_request")
+
+    async def _register_from(self, platform: Platform, reply: Reply) -> None:
+        """api_query_auth was forwarded: its answer registers the authorizer."""
+        if reply.status != 200 or not reply.body:
+            return
+        try:
+            data = json.loads(reply.body)
+            await platform.register_answer(data)
+        except ValueError:
+            return
+        except StoreUnavailable as exc:
+            log.error("api_query_auth answered but the authorizer could not be registered: %s", exc,
+                      extra={"event": "store_error", "app": platform.app.name})
 
     async def _exchange(self, request: Request, target: str, headers: list[Header], body: bytes,
                         token: Token | None, manager: TokenManager | None, app: App, path: str,
-                        raw_query: str) -> _Result:
+                        raw_query: str, param: str = "access_token") -> _Result:
         """Send; on a token errcode (with a token), invalidate it and replay once."""
         pool = self.pools.get(app.upstream) or self._new_pool(app)
         refresh_codes = self.refresh_codes[app.name]
@@ -444,7 +518,7 @@ class Forwarder:
                 return sidecar_error(503, f"token rejected ({first_code}) and no fresh token: {exc}",
                                      {SIDECAR_ERRCODE_HEADER: str(first_code)}), first_code, None
             replayed_from = first_code
-            target = f"{path}?{with_token(raw_query, fresh.value)}"
+            target = f"{path}?{with_token(raw_query, fresh.value, param)}"
             try:
                 resp, head, complete, errcode, errmsg = await self._send(pool, method, target, headers, body,
                                                                          refresh_codes)
@@ -553,6 +627,72 @@ class Forwarder:
         left = max(1, int(ticket.remaining(time.monotonic())))
         payload = {"errcode": 0, "errmsg": "ok", "ticket": ticket.value, "expires_in": left}
         return local_reply(json.dumps(payload).encode())
+
+    # ------------------------------------------------------------ Open Platform
+
+    @staticmethod
+    async def _component_token(request: Request, app: App, manager: TokenManager, path: str) -> Reply | None:
+        """api_component_token answered from the managed component token."""
+        if request.method != "POST":
+            return None
+        if request.body_exists:
+            try:
+                await request.read()
+            except BodyError as exc:
+                return sidecar_error(exc.status, exc.why, outcome="bad_request")
+        token = await held(manager)
+        if isinstance(token, Reply):
+            return token
+        left = max(1, int(token.remaining(time.monotonic())))
+        return local_reply(json.dumps({"component_access_token": token.value, "expires_in": left}).encode())
+
+    async def _authorizer_token(self, request: Request, app: App, manager: TokenManager, path: str) -> Reply | None:
+        """api_authorizer_token answered from the authorizer's managed token:
+        an SDK's refresh never spends (or races for) the refresh token."""
+        if request.method != "POST":
+            return None
+        try:
+            data = json.loads(await request.read() or b"{}")
+        except BodyError as exc:
+            return sidecar_error(exc.status, exc.why, outcome="bad_request")
+        except ValueError:
+            data = None
+        appid = data.get("authorizer_appid") if isinstance(data, dict) else None
+        if not isinstance(appid, str) or not appid:
+            return sidecar_error(400, "api_authorizer_token needs authorizer_appid in its JSON body",
+                                 outcome="bad_request")
+        try:
+            authorizer = await self.platforms[app.name].authorizer(appid)
+        except StoreUnavailable as exc:
+            return sidecar_error(503, f"authorizer {appid[:64]!r}: {exc}")
+        if authorizer is None:
+            return sidecar_error(404, f"unknown authorizer {appid[:64]!r} for platform app {app.name}",
+                                 outcome="bad_request")
+        token = await held(authorizer)
+        if isinstance(token, Reply):
+            return token
+        left = max(1, int(token.remaining(time.monotonic())))
+        answer: dict[str, Any] = {"authorizer_access_token": token.value, "expires_in": left}
+        given = data.get("authorizer_refresh_token")       # echoed: the sidecar keeps the real one
+        if isinstance(given, str):
+            answer["authorizer_refresh_token"] = given
+        return local_reply(json.dumps(answer).encode())
+
+    async def _component_event(self, request: Request, app: App, manager: TokenManager, path: str) -> Reply:
+        """WeChat's push, forwarded by the platform's public callback."""
+        if request.method != "POST":
+            return sidecar_error(405, f"{path} answers POST only", outcome="bad_request")
+        try:
+            body = await request.read()
+        except BodyError as exc:
+            return sidecar_error(exc.status, exc.why, outcome="bad_request")
+        try:
+            info = await self.platforms[app.name].take_push(request.query, body)
+        except PushRefused as exc:
+            log.warning("push refused: %s", exc.why, extra={"event": "push_refused", "app": app.name})
+            return sidecar_error(exc.status, exc.why, outcome="forbidden" if exc.status == 403 else "bad_request")
+        log.info("push taken: %s", info, extra={"event": "push", "app": app.name})
+        return Reply(200, [(b"Content-Type", b"text/plain; charset=utf-8"), (b"Date", http_date())], b"success")
 
     # ------------------------------------------------------------ upstream
 

@@ -15,6 +15,7 @@ from bisect import bisect_left as _bisect_left
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .platform import Platform
     from .tokens import TokenManager, TokenStore
 
 # Buckets for one proxied call: sub-millisecond overhead up to WeChat's
@@ -116,8 +117,11 @@ class Metrics:
                               "replaced them: another system fetches tokens for this appid", "counter", ("app",))
         self.fetches_today = Family("wts_token_fetches_today", "Token fetches counted today by the store "
                                     "(the whole cluster with store: redis), China time", "gauge", ("app",))
+        self.authorizers = Family("wts_authorizers_registered", "Authorizers registered with a platform app "
+                                  "(in the store)", "gauge", ("app",))
         self._managers: dict[str, "TokenManager"] = {}
         self._store: "TokenStore | None" = None
+        self._platforms: dict[str, "Platform"] = {}
 
     def observe_call(self, app: str, outcome: str, seconds: float) -> None:
         calls = self.calls.get(app)
@@ -128,8 +132,9 @@ class Metrics:
         calls.buckets[_bisect_left(CALL_BUCKETS, seconds)] += 1
         calls.seconds += seconds
 
-    def watch(self, managers: dict[str, "TokenManager"], store: "TokenStore") -> None:
-        self._managers, self._store = managers, store
+    def watch(self, managers: dict[str, "TokenManager"], store: "TokenStore",
+              platforms: "dict[str, Platform] | None" = None) -> None:
+        self._managers, self._store, self._platforms = managers, store, platforms or {}
 
     async def render(self) -> bytes:
         """The exposition text; refreshes the values that need the store first."""
@@ -141,6 +146,11 @@ class Metrics:
                     continue
                 if count is not None:
                     self.fetches_today.labels(name).set(count)
+            for name, platform in self._platforms.items():
+                try:
+                    self.authorizers.labels(name).set(await self._store.registry_count(platform.app.appid))
+                except Exception:  # the store is down: keep the last value
+                    continue
         return self.text().encode()
 
     def text(self) -> str:
@@ -161,6 +171,16 @@ class Metrics:
                 calls.labels(app, outcome).set(count)
         parts.append(calls.render())
         parts.append(self._histogram())
+        if self._platforms:
+            cached = Family("wts_authorizers_cached", "Authorizer tokens this sidecar keeps in memory "
+                            "(bounded by max_cached_authorizers)", "gauge", ("app",))
+            pushes = Family("wts_platform_pushes", "Pushes taken at /sidecar/component/event, by InfoType "
+                            "(refused: bad signature or appid)", "counter", ("app", "info_type"))
+            for name, platform in self._platforms.items():
+                cached.labels(name).set(len(platform.managers))
+                for info, count in platform.pushes.items():
+                    pushes.labels(name, info).set(count)
+            parts += (self.authorizers.render(), cached.render(), pushes.render())
         errors = Family("wts_store_errors", "Errors talking to the shared token store", "counter", ())
         errors.labels().set(getattr(self._store, "errors", 0))
         parts.append(errors.render())

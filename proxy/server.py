@@ -22,6 +22,7 @@ from .forward import NOTED_HEADERS, Forwarder
 from .httpserver import HttpServer, Reply, Request
 from .logs import AccessLog
 from .metrics import Metrics
+from .platform import AuthorizerFetcher, ComponentFetcher, Platform, authorizer_key
 from .upstream import UpstreamPool
 from .tokens import MemoryStore, TokenManager, TokenStore, make_fetcher
 from .tokens.fetchers import TicketFetcher
@@ -50,6 +51,7 @@ class Sidecar:
         self.session: aiohttp.ClientSession | None = None
         self.store: TokenStore | None = None
         self.managers: dict[str, TokenManager] = {}
+        self.platforms: dict[str, Platform] = {}     # Open Platform apps, by name
         self.forwarder: Forwarder | None = None
         self.metrics = Metrics()
         self.pools: dict[str, UpstreamPool] = {}   # business calls, by upstream base URL
@@ -69,14 +71,19 @@ class Sidecar:
         self.store = make_store(cfg)
         await self.store.start()
         self.managers = {app.name: self._manager(app) for app in cfg.apps}
-        self.metrics.watch(self.managers, self.store)
-        self.forwarder = Forwarder(cfg, self.managers, self.pools, self.metrics, self.access)
+        self.platforms = {app.name: self._platform(app, self.managers[app.name])
+                          for app in cfg.apps if app.token_api == "component"}
+        self.metrics.watch(self.managers, self.store, self.platforms)
+        self.forwarder = Forwarder(cfg, self.managers, self.pools, self.metrics, self.access, self.platforms)
         for manager in self.managers.values():
             manager.start()
 
     def _manager(self, app: App) -> TokenManager:
         assert self.session is not None and self.store is not None
-        fetcher = make_fetcher(app, self.session, self.config.upstream.timeout_s)
+        if app.token_api == "component":
+            fetcher = ComponentFetcher(app, self.session, self.config.upstream.timeout_s, self.store)
+        else:
+            fetcher = make_fetcher(app, self.session, self.config.upstream.timeout_s)
         manager = TokenManager(app, fetcher, self.store, role=self.config.store.role,
                                on_store_down=self.config.store.on_store_down)
         m = self.metrics
@@ -105,6 +112,27 @@ class Sidecar:
         manager.on_fetch = lambda result: m.fetches.labels(app.name, kind, result).inc()
         return manager
 
+    def _platform(self, app: App, component: TokenManager) -> Platform:
+        assert self.session is not None and self.store is not None
+        return Platform(app, component, self.store, self.session, self.config.upstream.timeout_s,
+                        self._authorizer_manager)
+
+    def _authorizer_manager(self, platform: Platform, appid: str) -> TokenManager:
+        """An authorizer's token: a lazy credential of the platform app,
+        fetched with the component token and the stored refresh token.
+        Counted per platform, never per authorizer (no label per account)."""
+        assert self.session is not None and self.store is not None
+        app = platform.app
+        fetcher = AuthorizerFetcher(app, self.session, self.config.upstream.timeout_s, authorizer_appid=appid,
+                                    store=self.store, component=platform.component)
+        manager = TokenManager(app, fetcher, self.store, role=self.config.store.role,
+                               on_store_down=self.config.store.on_store_down,
+                               key=authorizer_key(app, appid), name=f"{app.name}/{appid}")
+        m = self.metrics
+        manager.on_refresh = lambda reason: m.refreshes.labels(f"{app.name}/authorizers", reason).inc()
+        manager.on_fetch = lambda result: m.fetches.labels(app.name, "authorizer", result).inc()
+        return manager
+
     def reload(self, new: Config) -> list[str]:
         """Apply a new config without dropping calls: apps (and their secrets),
         refresh_errcodes, pass_token_errors and admin.token take effect; what
@@ -131,14 +159,19 @@ class Sidecar:
                 managers[app.name] = self._manager(app)
                 started.append(managers[app.name])
         retired = [m for name, m in self.managers.items() if managers.get(name) is not m]
+        platforms = {app.name: (self.platforms[app.name] if managers[app.name] not in started
+                                else self._platform(app, managers[app.name]))
+                     for app in effective.apps if app.token_api == "component"}
+        retired_platforms = [p for name, p in self.platforms.items() if platforms.get(name) is not p]
         self.config = effective
         self.managers = managers
-        self.metrics.watch(managers, self.store)  # type: ignore[arg-type]
+        self.platforms = platforms
+        self.metrics.watch(managers, self.store, platforms)  # type: ignore[arg-type]
         assert self.session is not None
-        self.forwarder = Forwarder(effective, managers, self.pools, self.metrics, self.access)
+        self.forwarder = Forwarder(effective, managers, self.pools, self.metrics, self.access, platforms)
         for manager in started:
             manager.start()
-        for manager in retired:
+        for manager in [*retired, *retired_platforms]:
             # Calls in flight may still hold it: close it after the grace.
             task = asyncio.create_task(self._retire(manager))
             self._retired.add(task)
@@ -150,13 +183,15 @@ class Sidecar:
                         ", ".join(kept), extra={"event": "reload"})
         return kept
 
-    async def _retire(self, manager: TokenManager) -> None:
+    async def _retire(self, manager: TokenManager | Platform) -> None:
         await asyncio.sleep(self.config.shutdown_grace_s)
         await manager.close()
 
     async def close(self) -> None:
         for task in list(self._retired):
             task.cancel()
+        for platform in self.platforms.values():
+            await platform.close()
         for manager in self.managers.values():
             await manager.close()
         if self.store is not None:
@@ -167,11 +202,17 @@ class Sidecar:
         if self.session is not None:
             await self.session.close()
 
+    def waiting_for_ticket(self, name: str) -> bool:
+        """A platform app that has never had a verify ticket: it is ready to
+        take the push that brings one (its pod must be ready to get it)."""
+        platform = self.platforms.get(name)
+        return platform is not None and platform.component.fetcher.waiting_for_ticket  # type: ignore[attr-defined]
+
     async def wait_ready(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            if all(m.current() is not None for m in self.managers.values()):
+            if all(m.current() is not None or self.waiting_for_ticket(name) for name, m in self.managers.items()):
                 return True
             await asyncio.sleep(0.02)
         return False

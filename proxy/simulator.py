@@ -31,6 +31,13 @@ DEMO_SECRET = "demo-appsecret-0123456789abcdef"
 DEMO_CORPID = "ww5f0b1e2d3c4a0001"
 DEMO_CORPSECRET = "demo-corpsecret-0123456789abcdef"
 
+# A third-party platform (WeChat Open Platform) and one account it serves.
+DEMO_COMPONENT_APPID = "wx5f0b1e2d3c4a0c01"
+DEMO_COMPONENT_SECRET = "demo-componentsecret-0123456789ab"
+DEMO_COMPONENT_TOKEN = "demo-msg-token"
+DEMO_COMPONENT_AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
+DEMO_AUTHORIZER_APPID = "wx5f0b1e2d3c4a0a01"
+
 MEDIA_CHUNK = 64 * 1024
 
 
@@ -64,6 +71,19 @@ class SimSettings:
     # Past it the simulator answers 45009.
     wecom_corp_ticket_hourly_limit: int = 400
     wecom_agent_ticket_hourly_limit: int = 100
+    # Open Platform (wechat-api-notes: see README "Open Platform facts"):
+    # WeChat pushes a component_verify_ticket every 10 minutes, encrypted, to
+    # the platform's callback (push_url here; no pushes while it is empty);
+    # a ticket is valid 12 hours. The simulator is stricter than WeChat in
+    # one way: api_component_token takes only the latest ticket (61006
+    # otherwise), so a sidecar that keeps an old one is caught.
+    verify_ticket_interval_s: float = 600.0
+    verify_ticket_ttl_s: float = 43200.0
+    push_url: str = ""
+    # api_authorizer_token's answer carries authorizer_refresh_token; with
+    # this on it is a new one each time and the one used is dead (61023).
+    rotate_refresh_tokens: bool = False
+    auth_code_ttl_s: float = 600.0
 
 
 @dataclass
@@ -94,8 +114,12 @@ class WeChatSimulator:
     def __init__(self, accounts: dict[str, str] | None = None,
                  corps: dict[str, list[str]] | None = None,
                  settings: SimSettings | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 platforms: dict[str, tuple[str, str, str]] | None = None):
         self.accounts = dict(accounts or {DEMO_APPID: DEMO_SECRET})
+        # component_appid -> (component_appsecret, message token, EncodingAESKey)
+        self.platforms = dict(platforms or {DEMO_COMPONENT_APPID: (
+            DEMO_COMPONENT_SECRET, DEMO_COMPONENT_TOKEN, DEMO_COMPONENT_AES_KEY)})
         self.corps = {k: list(v) for k, v in (corps or {DEMO_CORPID: [DEMO_CORPSECRET]}).items()}
         self.settings = settings or SimSettings()
         self.clock = clock
@@ -118,6 +142,13 @@ class WeChatSimulator:
         self.ticket_values: dict[str, Issued] = {}    # every ticket issued, by value
         self.ticket_fetches: dict[str, int] = {}      # kind -> fetches answered with a ticket
         self.ticket_hourly: dict[str, list[float]] = {}
+        self.verify_tickets: dict[str, Issued] = {}        # component_appid -> the latest verify ticket
+        self.refresh_tokens: dict[str, str] = {}          # authorizer appid -> its valid refresh token
+        self.authorizer_owner: dict[str, str] = {}        # authorizer appid -> component_appid
+        self.auth_codes: dict[str, tuple[str, str, float]] = {}   # code -> (component, authorizer, expires)
+        self.authorizer_fetches: dict[str, int] = {}      # authorizer appid -> api_authorizer_token answered
+        self.refresh_token_refusals = 0                   # 61023 answers
+        self.pushes_sent: list[tuple[str, int]] = []      # (InfoType, HTTP status of the answer)
         self._ids = itertools.count(1)
 
     # ------------------------------------------------------------ token bookkeeping
@@ -377,7 +408,8 @@ class WeChatSimulator:
             await asyncio.sleep(self.settings.latency_s)
         path = request.path
         user_token_path = path.startswith("/sns/")
-        error = None if user_token_path else self.token_error(request.query.get("access_token"))
+        token_param = "component_access_token" if path.startswith("/cgi-bin/component/") else "access_token"
+        error = None if user_token_path else self.token_error(request.query.get(token_param))
         await self._record(request, body, error)
         if error is not None:
             return self._error(*error)
@@ -392,6 +424,7 @@ class WeChatSimulator:
             "errcode": 0, "errmsg": "ok", "method": request.method, "path": path,
             "query": request.rel_url.raw_query_string,
             "access_token": request.query.getall("access_token", []),
+            "component_access_token": request.query.getall("component_access_token", []),
             "headers": {k: v for k, v in request.headers.items()},
             "body_sha256": hashlib.sha256(body).hexdigest(), "body_len": len(body),
             "body": body.decode("utf-8", "replace") if len(body) <= 4096 else None,
@@ -500,9 +533,225 @@ class WeChatSimulator:
             return self._error(40097, "invalid args")
         return self._ticket("agent_config", issued.key, self.settings.wecom_agent_ticket_hourly_limit)
 
+    # ------------------------------------------------------------ Open Platform
+
+    def crypto(self, component_appid: str) -> Any:
+        from .wxcrypt import MessageCrypto
+        _, token, aes = self.platforms[component_appid]
+        return MessageCrypto(token, aes, component_appid)
+
+    def push_request(self, component_appid: str, fields: dict[str, str]) -> tuple[str, bytes]:
+        """A push as WeChat sends it: (query string, body)."""
+        from .wxcrypt import signature
+        inner = "".join(f"<{k}><![CDATA[{v}]]></{k}>" for k, v in
+                        {"AppId": component_appid, "CreateTime": str(int(time.time())), **fields}.items())
+        crypto = self.crypto(component_appid)
+        encrypt = crypto.encrypt(f"<xml>{inner}</xml>".encode())
+        timestamp, nonce = str(int(time.time())), str(secrets.randbelow(10**10))
+        query = (f"signature={secrets.token_hex(20)}&timestamp={timestamp}&nonce={nonce}&encrypt_type=aes"
+                 f"&msg_signature={signature(crypto.token, timestamp, nonce, encrypt)}")
+        body = f"<xml><AppId><![CDATA[{component_appid}]]></AppId><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>"
+        return query, body.encode()
+
+    def new_verify_ticket(self, component_appid: str) -> str:
+        now = self.clock()
+        value = f"ticket@@@SIM_{next(self._ids)}_" + secrets.token_urlsafe(32)
+        self.verify_tickets[component_appid] = Issued(value, "verify_ticket", component_appid, now,
+                                                      now + self.settings.verify_ticket_ttl_s)
+        return value
+
+    async def push(self, component_appid: str, fields: dict[str, str]) -> int:
+        """Send a push to push_url; the HTTP status it was answered with (0: not sent)."""
+        import aiohttp
+        url = self.settings.push_url
+        if not url:
+            return 0
+        query, body = self.push_request(component_appid, fields)
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{url}?{query}", data=body,
+                                        headers={"Content-Type": "text/xml"}) as resp:
+                    status = resp.status
+        except (aiohttp.ClientError, OSError):
+            status = 0
+        self.pushes_sent.append((fields.get("InfoType", ""), status))
+        return status
+
+    async def push_verify_ticket(self, component_appid: str) -> int:
+        ticket = self.new_verify_ticket(component_appid)
+        return await self.push(component_appid, {"InfoType": "component_verify_ticket",
+                                                 "ComponentVerifyTicket": ticket})
+
+    async def run_pushes(self) -> None:
+        """WeChat's timer: a verify ticket to every platform every interval."""
+        while True:
+            interval = self.settings.verify_ticket_interval_s
+            if interval > 0 and self.settings.push_url:
+                for component_appid in self.platforms:
+                    await self.push_verify_ticket(component_appid)
+            await asyncio.sleep(interval if interval > 0 else 1.0)
+
+    def authorize(self, component_appid: str, authorizer_appid: str) -> str:
+        """An account authorizes the platform: an authorization code (the
+        account is known to the simulator from now on)."""
+        code = f"queryauthcode@@@SIM_{next(self._ids)}_" + secrets.token_urlsafe(24)
+        self.auth_codes[code] = (component_appid, authorizer_appid, self.clock() + self.settings.auth_code_ttl_s)
+        self.authorizer_owner[authorizer_appid] = component_appid
+        if authorizer_appid not in self.accounts:
+            self.accounts[authorizer_appid] = secrets.token_hex(16)
+        return code
+
+    def grant_refresh_token(self, authorizer_appid: str) -> str:
+        token = f"refreshtoken@@@SIM_{next(self._ids)}_" + secrets.token_urlsafe(24)
+        self.refresh_tokens[authorizer_appid] = token
+        return token
+
+    def _component_caller(self, request: web.Request) -> tuple[str, Issued] | web.Response:
+        """The platform a component call is from, by its component_access_token."""
+        value = request.query.get("component_access_token")
+        error = self.token_error(value)
+        if error is not None:
+            return self._error(*error)
+        issued = self.tokens[value or ""]
+        if issued.api != "component":
+            return self._error(40001, "invalid credential, access_token is invalid or not latest")
+        return issued.key.split(":", 1)[1], issued
+
+    async def _json_body(self, request: web.Request) -> dict[str, Any] | web.Response:
+        if request.method != "POST":
+            return self._error(43002, "require POST method")
+        try:
+            body = await request.json()
+            assert isinstance(body, dict)
+        except Exception:
+            return self._error(47001, "data format error")
+        return body
+
+    async def component_token(self, request: web.Request) -> web.StreamResponse:
+        """POST /cgi-bin/component/api_component_token."""
+        body = await self._json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        appid = str(body.get("component_appid", ""))
+        key = f"component:{appid}"
+        fault = await self._token_fault(key)
+        if fault is not None:
+            return fault
+        if appid not in self.platforms:
+            return self._error(40013, "invalid appid")
+        if not secrets.compare_digest(str(body.get("component_appsecret", "")), self.platforms[appid][0]):
+            return self._error(40125, "invalid appsecret")
+        ticket = self.verify_tickets.get(appid)
+        if ticket is None or body.get("component_verify_ticket") != ticket.value:
+            return self._error(61006, "component ticket is invalid")
+        if self.clock() >= ticket.expires_at:
+            return self._error(61005, "component ticket is expired")
+        if not self._quota(key, self.settings.token_daily_limit):
+            return self._error(45009, "reach max api daily quota limit")
+        self._count_fetch(key)
+        self._supersede(key, self.settings.grace_s)
+        issued = self._new_token("component", key)
+        return self._json({"component_access_token": issued.value,
+                           "expires_in": max(1, round(issued.expires_at - self.clock()))})
+
+    async def query_auth(self, request: web.Request) -> web.StreamResponse:
+        """POST /cgi-bin/component/api_query_auth: an authorization code, once."""
+        caller = self._component_caller(request)
+        if isinstance(caller, web.Response):
+            return caller
+        body = await self._json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        code = self.auth_codes.pop(str(body.get("authorization_code", "")), None)
+        if code is None or code[0] != caller[0] or self.clock() >= code[2]:
+            # The code's errcode is not in WeChat's public docs; this is the
+            # one developers report for a used or expired code.
+            return self._error(61010, "code is expired")
+        authorizer = code[1]
+        key = f"authorizer:{authorizer}"
+        self._supersede(key, self.settings.grace_s)
+        issued = self._new_token("authorizer", key)
+        return self._json({"authorization_info": {
+            "authorizer_appid": authorizer, "authorizer_access_token": issued.value,
+            "expires_in": max(1, round(issued.expires_at - self.clock())),
+            "authorizer_refresh_token": self.grant_refresh_token(authorizer),
+            "func_info": [{"funcscope_category": {"id": 1}}]}})
+
+    async def authorizer_token(self, request: web.Request) -> web.StreamResponse:
+        """POST /cgi-bin/component/api_authorizer_token: a new authorizer token
+        for a valid refresh token (rotated when rotate_refresh_tokens)."""
+        caller = self._component_caller(request)
+        if isinstance(caller, web.Response):
+            return caller
+        body = await self._json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        authorizer = str(body.get("authorizer_appid", ""))
+        key = f"authorizer:{authorizer}"
+        fault = await self._token_fault(key)
+        if fault is not None:
+            return fault
+        if self.authorizer_owner.get(authorizer) != caller[0] or body.get("component_appid") != caller[0]:
+            return self._error(61003, "component is not authorized by this account")
+        valid = self.refresh_tokens.get(authorizer)
+        if valid is None or body.get("authorizer_refresh_token") != valid:
+            self.refresh_token_refusals += 1
+            return self._error(61023, "refresh_token is invalid")
+        self.authorizer_fetches[authorizer] = self.authorizer_fetches.get(authorizer, 0) + 1
+        self._count_fetch(key)
+        self._supersede(key, self.settings.grace_s)
+        issued = self._new_token("authorizer", key)
+        refresh = self.grant_refresh_token(authorizer) if self.settings.rotate_refresh_tokens else valid
+        return self._json({"authorizer_access_token": issued.value,
+                           "expires_in": max(1, round(issued.expires_at - self.clock())),
+                           "authorizer_refresh_token": refresh})
+
+    async def ctl_bulk_authorize(self, request: web.Request) -> web.Response:
+        """Many accounts authorize the platform at once (a scale test): their
+        appids and first refresh tokens, as a platform's database holds them."""
+        component = request.query.get("component_appid", next(iter(self.platforms)))
+        count = int(request.query.get("count", "1000"))
+        start = int(request.query.get("start", "0"))
+        entries = []
+        for n in range(start, start + count):
+            appid = f"wx{n:016x}"
+            self.authorizer_owner[appid] = component
+            entries.append({"authorizer_appid": appid, "authorizer_refresh_token": self.grant_refresh_token(appid)})
+        return web.json_response({"authorizers": entries})
+
+    async def ctl_push_ticket(self, request: web.Request) -> web.Response:
+        appid = request.query.get("appid", next(iter(self.platforms)))
+        status = await self.push_verify_ticket(appid)
+        return web.json_response({"pushed": status})
+
+    async def ctl_authorize(self, request: web.Request) -> web.Response:
+        component = request.query.get("component_appid", next(iter(self.platforms)))
+        authorizer = request.query.get("authorizer_appid", DEMO_AUTHORIZER_APPID)
+        code = self.authorize(component, authorizer)
+        status = await self.push(component, {
+            "InfoType": "authorized", "AuthorizerAppid": authorizer, "AuthorizationCode": code,
+            "AuthorizationCodeExpiredTime": str(int(time.time() + self.settings.auth_code_ttl_s)),
+            "PreAuthCode": "preauthcode@@@SIM"})
+        return web.json_response({"authorization_code": code, "pushed": status})
+
+    async def ctl_unauthorize(self, request: web.Request) -> web.Response:
+        component = request.query.get("component_appid", next(iter(self.platforms)))
+        authorizer = request.query.get("authorizer_appid", DEMO_AUTHORIZER_APPID)
+        self.refresh_tokens.pop(authorizer, None)
+        status = await self.push(component, {"InfoType": "unauthorized", "AuthorizerAppid": authorizer})
+        return web.json_response({"pushed": status})
+
+    async def _start_pushes(self, app: web.Application) -> Any:
+        task = asyncio.create_task(self.run_pushes())
+        yield
+        task.cancel()
+
     async def ctl_stats(self, request: web.Request) -> web.Response:
         return web.json_response({"fetches": self.fetches, "fetch_attempts": self.fetch_attempts,
-                                  "ticket_fetches": self.ticket_fetches, "business_calls": self.business_calls})
+                                  "ticket_fetches": self.ticket_fetches, "business_calls": self.business_calls,
+                                  "authorizer_fetches": sum(self.authorizer_fetches.values()),
+                                  "authorizers_fetched": len(self.authorizer_fetches),
+                                  "refresh_token_refusals": self.refresh_token_refusals})
 
     async def ctl_cookies(self, request: web.Request) -> web.Response:
         """Answers with two Set-Cookie headers (a proxy must pass both back)."""
@@ -527,6 +776,14 @@ class WeChatSimulator:
         app.router.add_route("GET", "/cgi-bin/ticket/getticket", self.getticket)
         app.router.add_route("GET", "/cgi-bin/get_jsapi_ticket", self.wecom_corp_ticket)
         app.router.add_route("GET", "/cgi-bin/ticket/get", self.wecom_agent_ticket)
+        app.router.add_route("*", "/cgi-bin/component/api_component_token", self.component_token)
+        app.router.add_route("*", "/cgi-bin/component/api_query_auth", self.query_auth)
+        app.router.add_route("*", "/cgi-bin/component/api_authorizer_token", self.authorizer_token)
+        app.router.add_route("POST", "/_sim/component/push_ticket", self.ctl_push_ticket)
+        app.router.add_route("POST", "/_sim/component/authorize", self.ctl_authorize)
+        app.router.add_route("POST", "/_sim/component/unauthorize", self.ctl_unauthorize)
+        app.router.add_route("POST", "/_sim/component/bulk_authorize", self.ctl_bulk_authorize)
+        app.cleanup_ctx.append(self._start_pushes)
         app.router.add_route("*", "/_sim/settings", self.ctl_settings)
         app.router.add_route("POST", "/_sim/rotate", self.ctl_rotate)
         app.router.add_route("GET", "/_sim/stats", self.ctl_stats)
@@ -534,3 +791,16 @@ class WeChatSimulator:
         app.router.add_route("GET", "/_sim/cookies", self.ctl_cookies)
         app.router.add_route("*", "/{tail:.*}", self.business)
         return app
+
+
+def main() -> None:
+    """`python -m proxy.simulator --port N`: the simulator alone (benchmarks)."""
+    import argparse
+    parser = argparse.ArgumentParser(description="the WeChat simulator on 127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    web.run_app(WeChatSimulator().app(), host="127.0.0.1", port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

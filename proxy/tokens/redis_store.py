@@ -4,7 +4,9 @@ Keys (all under `key_prefix`):
   token:<key>           hash {value, fetched_at, expires_at (epoch s), rejected}; expires with the token
   lock:<key>            owner id; a short lease renewed while its owner fetches
   fetches:<key>:<day>   token fetches made by the cluster that day (China time)
-  events                pub/sub channel: "new <key> <fp>" / "rejected <key> <fp>"
+  events                pub/sub channel: "new <key> <fp>" / "rejected <key> <fp>" / "removed <key> -"
+  value:<key>           a small named value (a platform's component_verify_ticket)
+  registry:<name>       hash appid -> refresh token: a platform's authorizers
 
 Sidecars serve from their local copy; Redis is read only when a token is
 due, missing or refused, so a request never waits on Redis while the local
@@ -74,6 +76,27 @@ return n
 """
 
 
+# Replace a refresh token only if the stored one is still the one used.
+_CAS = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# Remove an authorizer and its token; tell every sidecar.
+_REMOVE = """
+local n = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', KEYS[3], ARGV[2])
+return n
+"""
+
+# Authorizers imported per Redis round trip.
+IMPORT_BATCH = 1000
+
+
 def _safe(exc: BaseException) -> str:
     """A Redis error for a log line: its class and message (never the URL)."""
     return f"{exc.__class__.__name__}: {exc}"[:200]
@@ -136,6 +159,13 @@ class RedisStore:
     def watch(self, key: str, callback: EventFn) -> None:
         self._watchers.setdefault(key, []).append(callback)
 
+    def unwatch(self, key: str, callback: EventFn) -> None:
+        callbacks = self._watchers.get(key, [])
+        if callback in callbacks:
+            callbacks.remove(callback)
+        if not callbacks:
+            self._watchers.pop(key, None)
+
     async def _listen(self) -> None:
         """Follow the events channel; resubscribe with backoff after an outage."""
         delay = RESUBSCRIBE_MIN_S
@@ -165,7 +195,7 @@ class RedisStore:
         if len(parts) != 3:
             return
         event, key, fp = parts
-        for callback in self._watchers.get(key, ()):
+        for callback in list(self._watchers.get(key, ())):
             callback(event, fp)
 
     # ------------------------------------------------------------ tokens
@@ -199,6 +229,40 @@ class RedisStore:
     async def fetches_today(self, key: str) -> int | None:
         value = await self._call("count", self.redis.get(self._k("fetches", f"{key}:{quota_day(self.wall())}")))
         return int(value or 0)
+
+    # ------------------------------------------------------------ values and registries
+
+    async def get_value(self, key: str) -> str | None:
+        return await self._call("get", self.redis.get(self._k("value", key)))
+
+    async def set_value(self, key: str, value: str) -> None:
+        await self._call("set", self.redis.set(self._k("value", key), value))
+
+    async def registry_get(self, registry: str, appid: str) -> str | None:
+        return await self._call("registry", self.redis.hget(self._k("registry", registry), appid))
+
+    async def registry_put(self, registry: str, entries: dict[str, str]) -> None:
+        items = list(entries.items())
+        for start in range(0, len(items), IMPORT_BATCH):
+            await self._call("registry", self.redis.hset(self._k("registry", registry),
+                                                         mapping=dict(items[start:start + IMPORT_BATCH])))
+
+    async def registry_cas(self, registry: str, appid: str, old: str, new: str) -> bool:
+        return bool(await self._call("registry", self.redis.eval(
+            _CAS, 1, self._k("registry", registry), appid, old, new)))
+
+    async def registry_remove(self, registry: str, appid: str, token_key: str) -> bool:
+        return bool(await self._call("registry", self.redis.eval(
+            _REMOVE, 3, self._k("registry", registry), self._k("token", token_key), self.channel,
+            appid, f"removed {token_key} -")))
+
+    async def registry_page(self, registry: str, cursor: int, count: int) -> tuple[int, list[str]]:
+        cursor, found = await self._call("registry", self.redis.hscan(
+            self._k("registry", registry), cursor, count=count))
+        return int(cursor), sorted(found)
+
+    async def registry_count(self, registry: str) -> int:
+        return int(await self._call("registry", self.redis.hlen(self._k("registry", registry))))
 
     # ------------------------------------------------------------ the one fetcher
 

@@ -54,6 +54,26 @@ class TokenStore(Protocol):
 
     def watch(self, key: str, callback: EventFn) -> None: ...
 
+    def unwatch(self, key: str, callback: EventFn) -> None: ...
+
+    # Small named values (a platform's component_verify_ticket).
+    async def get_value(self, key: str) -> str | None: ...
+
+    async def set_value(self, key: str, value: str) -> None: ...
+
+    # A platform's authorizers: appid -> refresh token, one registry per platform.
+    async def registry_get(self, registry: str, appid: str) -> str | None: ...
+
+    async def registry_put(self, registry: str, entries: dict[str, str]) -> None: ...
+
+    async def registry_cas(self, registry: str, appid: str, old: str, new: str) -> bool: ...
+
+    async def registry_remove(self, registry: str, appid: str, token_key: str) -> bool: ...
+
+    async def registry_page(self, registry: str, cursor: int, count: int) -> tuple[int, list[str]]: ...
+
+    async def registry_count(self, registry: str) -> int: ...
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -69,12 +89,58 @@ class MemoryStore:
         self._tokens: dict[str, Token] = {}
         self._rejected: dict[str, str] = {}
         self._counts: dict[tuple[str, str], int] = {}
+        self._values: dict[str, str] = {}
+        self._registries: dict[str, dict[str, str]] = {}
+        self._watchers: dict[str, list[EventFn]] = {}
 
     async def start(self) -> None:
         return None
 
     def watch(self, key: str, callback: EventFn) -> None:
-        return None  # one process: the managers already see every change
+        # One process: the managers see every token change themselves; only
+        # a removed authorizer is news to them.
+        self._watchers.setdefault(key, []).append(callback)
+
+    def unwatch(self, key: str, callback: EventFn) -> None:
+        callbacks = self._watchers.get(key, [])
+        if callback in callbacks:
+            callbacks.remove(callback)
+        if not callbacks:
+            self._watchers.pop(key, None)
+
+    async def get_value(self, key: str) -> str | None:
+        return self._values.get(key)
+
+    async def set_value(self, key: str, value: str) -> None:
+        self._values[key] = value
+
+    async def registry_get(self, registry: str, appid: str) -> str | None:
+        return self._registries.get(registry, {}).get(appid)
+
+    async def registry_put(self, registry: str, entries: dict[str, str]) -> None:
+        self._registries.setdefault(registry, {}).update(entries)
+
+    async def registry_cas(self, registry: str, appid: str, old: str, new: str) -> bool:
+        entries = self._registries.get(registry, {})
+        if entries.get(appid) != old:
+            return False
+        entries[appid] = new
+        return True
+
+    async def registry_remove(self, registry: str, appid: str, token_key: str) -> bool:
+        removed = self._registries.get(registry, {}).pop(appid, None) is not None
+        self._tokens.pop(token_key, None)
+        for callback in list(self._watchers.get(token_key, ())):
+            callback("removed", "")
+        return removed
+
+    async def registry_page(self, registry: str, cursor: int, count: int) -> tuple[int, list[str]]:
+        appids = sorted(self._registries.get(registry, {}))
+        page = appids[cursor:cursor + count]
+        return (cursor + count if cursor + count < len(appids) else 0), page
+
+    async def registry_count(self, registry: str) -> int:
+        return len(self._registries.get(registry, {}))
 
     async def load(self, key: str) -> Token | None:
         token = self._tokens.get(key)
