@@ -62,14 +62,16 @@ def _loop_factory():  # type: ignore[no-untyped-def]
 
 def cmd_demo(args: argparse.Namespace) -> int:
     logs.setup("info", "text")
-    return asyncio.run(_demo(args.port, args.admin_port, args.sim_port))
+    return asyncio.run(_demo(args.port, args.admin_port, args.sim_port, args.platform))
 
 
-async def _demo(port: int, admin_port: int, sim_port: int) -> int:
+async def _demo(port: int, admin_port: int, sim_port: int, platform: bool = False) -> int:
     from aiohttp import web
 
     from .server import start_sidecar
-    from .simulator import DEMO_APPID, DEMO_SECRET, SimSettings, WeChatSimulator
+    from .simulator import (DEMO_APPID, DEMO_AUTHORIZER_APPID, DEMO_COMPONENT_AES_KEY, DEMO_COMPONENT_APPID,
+                            DEMO_COMPONENT_SECRET, DEMO_COMPONENT_TOKEN, DEMO_SECRET, SimSettings,
+                            WeChatSimulator)
 
     # Short-lived tokens so the refresh-ahead is visible within minutes.
     sim = WeChatSimulator(settings=SimSettings(ttl_s=600))
@@ -92,7 +94,10 @@ log: {{level: info, format: text}}
 apps:
   - {{name: mp, appid: {DEMO_APPID}, secret: {DEMO_SECRET}, token_api: stable, refresh_before_s: 240,
       min_refresh_interval_s: 0}}
-""", "<demo>", env={})
+""" + (f"""
+  - {{name: plat, appid: {DEMO_COMPONENT_APPID}, secret: {DEMO_COMPONENT_SECRET}, token_api: component,
+      token: {DEMO_COMPONENT_TOKEN}, encoding_aes_key: {DEMO_COMPONENT_AES_KEY}}}
+""" if platform else ""), "<demo>", env={})
     try:
         running = await start_sidecar(cfg)
     except OSError as exc:
@@ -100,8 +105,28 @@ apps:
               f"Try: python -m proxy demo --port 0 --admin-port 0", file=sys.stderr)
         await sim_runner.cleanup()
         return 1
-    ready = await running.sidecar.wait_ready(10)
     p, a = running.proxy_port, running.admin_port
+    if platform:
+        # WeChat pushes the platform a verify ticket every 10 minutes; the
+        # first one now, so the component token is there at once.
+        sim.settings.push_url = f"http://127.0.0.1:{p}/plat/sidecar/component/event"   # routed like any call
+        await sim.push_verify_ticket(DEMO_COMPONENT_APPID)
+    ready = await running.sidecar.wait_ready(10)
+    extra = f"""
+  # Open Platform: an account authorizes the platform (WeChat pushes "authorized";
+  # the sidecar exchanges the code with api_query_auth and registers the account)
+  curl -s -X POST 'http://127.0.0.1:{sim_port}/_sim/component/authorize?authorizer_appid={DEMO_AUTHORIZER_APPID}'
+
+  # a call for that account, by path prefix or by header: its authorizer_access_token is injected
+  curl -s 'http://127.0.0.1:{p}/plat/{DEMO_AUTHORIZER_APPID}/cgi-bin/user/info?openid=OPENID'
+  curl -s -H 'X-WeChat-Authorizer: {DEMO_AUTHORIZER_APPID}' 'http://127.0.0.1:{p}/plat/cgi-bin/user/info?openid=OPENID'
+
+  # a platform call: component_access_token is injected
+  curl -s -X POST -d '{{"component_appid":"{DEMO_COMPONENT_APPID}"}}' 'http://127.0.0.1:{p}/plat/cgi-bin/component/api_get_authorizer_list'
+
+  # the platform's accounts and their token state (never a token)
+  curl -s 'http://127.0.0.1:{a}/admin/authorizers?app=plat'
+""" if platform else ""
     print(f"""
 wechat-token-sidecar demo {'(ready)' if ready else '(NOT ready: see the log above)'}
   WeChat simulator : http://127.0.0.1:{sim_port}   (stands in for api.weixin.qq.com)
@@ -135,6 +160,7 @@ Try these in another terminal:
   curl -s http://127.0.0.1:{a}/admin/apps
   curl -s -X POST 'http://127.0.0.1:{a}/admin/refresh?app=mp'
 
+{extra}
   # how many token fetches WeChat saw
   curl -s http://127.0.0.1:{sim_port}/_sim/stats
 
@@ -164,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=8080, help="proxy port (0: any free port)")
     demo.add_argument("--admin-port", type=int, default=9090, help="admin port (0: any free port)")
     demo.add_argument("--sim-port", type=int, default=0, help="simulator port (default: any free port)")
+    demo.add_argument("--platform", action="store_true",
+                      help="also an Open Platform app: verify ticket pushes, an authorized account, its calls")
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.command is None:

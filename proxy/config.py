@@ -225,6 +225,8 @@ class Config:
                 f"  - {app.name}: appid={app.appid} token_api={app.token_api} "
                 f"upstream={app.upstream} refresh_before_s={app.refresh_before_s:g} "
                 "secret=<set>"
+                + (f" pushes={'on (token, encoding_aes_key set)' if app.msg_token else 'off (admin only)'} "
+                   f"max_cached_authorizers={app.max_cached_authorizers}" if app.token_api == "component" else "")
             )
         return "\n".join(lines)
 

@@ -52,6 +52,7 @@ class Sidecar:
         self.store: TokenStore | None = None
         self.managers: dict[str, TokenManager] = {}
         self.platforms: dict[str, Platform] = {}     # Open Platform apps, by name
+        self._observers: dict[str, tuple[Callable[[str], None], Callable[[str], None]]] = {}
         self.forwarder: Forwarder | None = None
         self.metrics = Metrics()
         self.pools: dict[str, UpstreamPool] = {}   # business calls, by upstream base URL
@@ -128,10 +129,25 @@ class Sidecar:
         manager = TokenManager(app, fetcher, self.store, role=self.config.store.role,
                                on_store_down=self.config.store.on_store_down,
                                key=authorizer_key(app, appid), name=f"{app.name}/{appid}")
-        m = self.metrics
-        manager.on_refresh = lambda reason: m.refreshes.labels(f"{app.name}/authorizers", reason).inc()
-        manager.on_fetch = lambda result: m.fetches.labels(app.name, "authorizer", result).inc()
+        manager.on_refresh, manager.on_fetch = self._authorizer_observers(app.name)
         return manager
+
+    def _authorizer_observers(self, platform: str) -> tuple[Callable[[str], None], Callable[[str], None]]:
+        """The metrics observers every authorizer of one platform shares
+        (made once: thousands of managers need no closures of their own)."""
+        made = self._observers.get(platform)
+        if made is not None:
+            return made
+        m = self.metrics
+
+        def on_refresh(reason: str) -> None:
+            m.refreshes.labels(f"{platform}/authorizers", reason).inc()
+
+        def on_fetch(result: str) -> None:
+            m.fetches.labels(platform, "authorizer", result).inc()
+
+        made = self._observers[platform] = (on_refresh, on_fetch)
+        return made
 
     def reload(self, new: Config) -> list[str]:
         """Apply a new config without dropping calls: apps (and their secrets),

@@ -586,10 +586,12 @@ class WeChatSimulator:
         """WeChat's timer: a verify ticket to every platform every interval."""
         while True:
             interval = self.settings.verify_ticket_interval_s
-            if interval > 0 and self.settings.push_url:
-                for component_appid in self.platforms:
-                    await self.push_verify_ticket(component_appid)
-            await asyncio.sleep(interval if interval > 0 else 1.0)
+            if interval <= 0 or not self.settings.push_url:
+                await asyncio.sleep(0.5)          # nowhere to push yet: look again soon
+                continue
+            for component_appid in self.platforms:
+                await self.push_verify_ticket(component_appid)
+            await asyncio.sleep(interval)
 
     def authorize(self, component_appid: str, authorizer_appid: str) -> str:
         """An account authorizes the platform: an authorization code (the

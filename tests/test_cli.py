@@ -145,32 +145,48 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "run" in result.stdout and "demo" in result.stdout
 
 
-def test_demo_prints_curl_lines_that_work(tmp_path):
+def run_demo(tmp_path, *flags: str) -> tuple[str, list[str], list[str], subprocess.Popen]:
+    """Start `python -m proxy demo`, run every curl line it prints; (banner,
+    commands, their outputs, the process)."""
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     port, admin = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "demo", "--port", str(port), "--admin-port", str(admin)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "demo", "--port", str(port), "--admin-port", str(admin),
+                             *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "Press Ctrl-C" in line:
+            break
+    banner = "".join(lines)
+    commands = [l.strip() for l in lines if l.strip().startswith("curl ")]
+    outputs = []
+    for command in commands:
+        result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=20, cwd=tmp_path)
+        assert result.returncode == 0, (command, result.stderr)
+        outputs.append(result.stdout)
+    return banner, commands, outputs, proc
+
+
+def stop_demo(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Press Ctrl-C" in line:
-                break
-        banner = "".join(lines)
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    assert proc.returncode == 0
+
+
+def test_demo_prints_curl_lines_that_work(tmp_path):
+    banner, commands, outputs, proc = run_demo(tmp_path)
+    try:
         assert "(ready)" in banner, banner
-        commands = [l.strip() for l in lines if l.strip().startswith("curl ")]
         assert len(commands) >= 8
-        outputs = []
-        for command in commands:
-            result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=20, cwd=tmp_path)
-            assert result.returncode == 0, (command, result.stderr)
-            outputs.append(result.stdout)
         joined = "\n".join(outputs)
         # the call after the rotation succeeded (replayed), the download completed, all apps ready
         assert joined.count('"errcode": 0') >= 3
@@ -181,12 +197,28 @@ def test_demo_prints_curl_lines_that_work(tmp_path):
         assert sum(stats["fetches"].values()) == 3      # start-up, the rotation, the admin refresh
         assert stats["ticket_fetches"] == {"jsapi": 1}  # getticket and jssdk share one ticket
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    assert proc.returncode == 0
+        stop_demo(proc)
+
+
+def test_demo_platform_shows_the_open_platform_flow_with_working_curl_lines(tmp_path):
+    banner, commands, outputs, proc = run_demo(tmp_path, "--platform")
+    try:
+        assert "(ready)" in banner, banner
+        by_command = dict(zip(commands, outputs))
+        authorize = next(o for c, o in by_command.items() if "/_sim/component/authorize" in c)
+        assert json.loads(authorize)["pushed"] == 200
+        for command, output in by_command.items():
+            if "/plat/" in command:
+                assert json.loads(output)["errcode"] == 0, (command, output)
+        calls = [json.loads(o) for c, o in by_command.items() if "/plat/" in c]
+        assert calls[0]["access_token"] == calls[1]["access_token"] != []       # the authorizer's token
+        assert calls[2]["component_access_token"] != [] and calls[2]["access_token"] == []
+        listing = json.loads(next(o for c, o in by_command.items() if "/admin/authorizers" in c))
+        assert listing["authorizers"] == 1 and listing["page"][0]["usable"] is True
+        stats = json.loads(outputs[-1])
+        assert stats["authorizer_fetches"] == 1
+    finally:
+        stop_demo(proc)
 
 
 async def test_a_sidecar_that_cannot_listen_exits_without_fetching_a_token(sim, spawn):

@@ -485,3 +485,23 @@ async def test_no_token_refresh_token_or_verify_ticket_is_logged(make_sidecar, s
     assert "push taken" in logged and "authorizer" in logged
     for secret in secrets:
         assert secret not in logged
+
+
+def test_check_summarises_a_platform_app_without_its_secrets(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+    path = tmp_path / "config.yaml"
+    aes_file = tmp_path / "aes"
+    aes_file.write_text(DEMO_COMPONENT_AES_KEY + "\n")
+    path.write_text(platform_yaml("http://127.0.0.1:1").replace(
+        f"encoding_aes_key: {DEMO_COMPONENT_AES_KEY}", f"encoding_aes_key_file: {aes_file}"))
+    result = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", str(path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert f"plat: appid={PLATFORM} token_api=component" in result.stdout
+    assert "pushes=on" in result.stdout and "max_cached_authorizers=10000" in result.stdout
+    for secret in (DEMO_COMPONENT_SECRET, DEMO_COMPONENT_TOKEN, DEMO_COMPONENT_AES_KEY):
+        assert secret not in result.stdout + result.stderr
+    assert str(aes_file) in config_mod.load(path).watched_files()      # a changed key file reloads

@@ -79,7 +79,7 @@ class TokenManager:
         self.refreshes: dict[str, int] = {}
         self._inflight: asyncio.Task[None] | None = None
         self._inflight_starts_at = 0.0
-        self._wake = asyncio.Event()
+        self._wake: asyncio.Event | None = None     # the refresher's alarm; a lazy credential has none
         self._runner: asyncio.Task[None] | None = None
         self._started = False
         self._adopting: set[asyncio.Task[None]] = set()
@@ -104,7 +104,14 @@ class TokenManager:
             if not self.lazy:
                 self._start_runner()
 
+    def _poke(self) -> None:
+        """Wake the refresher, if there is one."""
+        if self._wake is not None:
+            self._wake.set()
+
     def _start_runner(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
         self._runner = asyncio.create_task(self._run(), name=f"token-refresher:{self.name}")
 
     def credential(self, kind: str) -> TokenManager:
@@ -133,7 +140,7 @@ class TokenManager:
         """What a failed fetch lacked has arrived (a platform's verify ticket):
         try again now rather than after the backoff."""
         self.state.clear_backoff()
-        self._wake.set()
+        self._poke()
 
     async def close(self) -> None:
         if self._started:
@@ -162,6 +169,7 @@ class TokenManager:
                 await self._adopt_from_store()
                 continue
             if due > now and self._inflight is None:
+                assert self._wake is not None
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=due - now)
@@ -209,7 +217,7 @@ class TokenManager:
             log.warning("fresh token rejected by WeChat too; another system may be "
                         "fetching tokens for this appid", extra={"event": "token_rejected", "app": self.name})
             self.on_rotated()
-            self._wake.set()
+            self._poke()
 
     def mark_served(self, value: str) -> None:
         """A call with `value` succeeded (the forced-refresh policy asks)."""
@@ -308,7 +316,7 @@ class TokenManager:
     def _fetch_done(self, task: asyncio.Task[None]) -> None:
         if self._inflight is task:
             self._inflight = None
-        self._wake.set()
+        self._poke()
 
     async def _refresh(self, reason: str) -> None:
         await asyncio.shield(self._start_refresh(reason))
@@ -432,12 +440,12 @@ class TokenManager:
                 log.warning("token rejected (seen by another sidecar); refreshing",
                             extra={"event": "token_rejected", "app": self.name})
                 self.on_rotated()
-                self._wake.set()
+                self._poke()
         elif event == "removed":
             self.on_removed()
         elif event == "new" and self._inflight is None:
             self._wake_adopt = True
-            self._wake.set()
+            self._poke()
         elif event == "new" and self.current() is None:
             # A fetch of ours waits out a backoff while another sidecar got
             # the token (a platform whose verify ticket reached only that
