@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check venv clean bench bench-instructions soak
+.PHONY: demo test check venv clean bench bench-instructions soak scale
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,7 @@ bench-instructions: $(STAMP)
 # The long soak (2 minutes of mixed calls with rotating tokens); `make test` runs a short one.
 soak: $(STAMP)
 	SOAK_SECONDS=120 $(PY) -m pytest -q -s tests/test_soak.py
+
+# A platform with 100,000 authorizers in a real Redis, 10,000 of them used (~1 min).
+scale: $(STAMP)
+	$(PY) bench/scale.py
