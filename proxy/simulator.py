@@ -583,15 +583,16 @@ class WeChatSimulator:
                                                  "ComponentVerifyTicket": ticket})
 
     async def run_pushes(self) -> None:
-        """WeChat's timer: a verify ticket to every platform every interval."""
+        """WeChat's timer: a verify ticket to every platform every interval
+        (settings are read each turn, so a test may shorten or stop it)."""
+        last = -float("inf")
         while True:
             interval = self.settings.verify_ticket_interval_s
-            if interval <= 0 or not self.settings.push_url:
-                await asyncio.sleep(0.5)          # nowhere to push yet: look again soon
-                continue
-            for component_appid in self.platforms:
-                await self.push_verify_ticket(component_appid)
-            await asyncio.sleep(interval)
+            if interval > 0 and self.settings.push_url and self.clock() >= last + interval:
+                last = self.clock()
+                for component_appid in self.platforms:
+                    await self.push_verify_ticket(component_appid)
+            await asyncio.sleep(0.05)
 
     def authorize(self, component_appid: str, authorizer_appid: str) -> str:
         """An account authorizes the platform: an authorization code (the

@@ -36,8 +36,9 @@ CORPSECRET = "test-corpsecret-ccccccccccccccccccc3"
 
 @pytest.fixture
 async def sim() -> AsyncIterator[WeChatSimulator]:
+    # No timed verify-ticket pushes: tests push when they mean to.
     simulator = WeChatSimulator(accounts={APPID: SECRET, APPID2: SECRET2},
-                                corps={CORPID: [CORPSECRET]}, settings=SimSettings())
+                                corps={CORPID: [CORPSECRET]}, settings=SimSettings(verify_ticket_interval_s=0))
     runner = web.AppRunner(simulator.app(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()

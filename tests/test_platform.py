@@ -155,6 +155,7 @@ async def test_a_refused_component_token_is_refreshed_once_and_the_call_replayed
 
 @pytest.mark.parametrize("damage, status", [
     ("signature", 403), ("appid", 403), ("not_xml", 400), ("doctype", 400), ("no_encrypt", 400), ("no_query", 400),
+    ("too_big", 413),
 ])
 async def test_a_push_that_is_not_wechats_for_this_platform_is_refused_and_changes_nothing(
         make_sidecar, sim, http, damage, status):
@@ -176,6 +177,8 @@ async def test_a_push_that_is_not_wechats_for_this_platform_is_refused_and_chang
         body = b"<xml><AppId>x</AppId></xml>"
     elif damage == "no_query":
         query = ""
+    elif damage == "too_big":
+        body = body.replace(b"<xml>", b"<xml><Pad>" + b"x" * 70000 + b"</Pad>", 1)
     async with http.post(f"{running.base}{EVENT}?{query}", data=body) as resp:
         assert resp.status == status
         answer = await resp.json()
@@ -184,6 +187,25 @@ async def test_a_push_that_is_not_wechats_for_this_platform_is_refused_and_chang
     assert sim.fetch_count("component") == 0
     async with http.get(f"{running.base}{EVENT}") as resp:
         assert resp.status == 405
+
+
+async def test_wechats_timer_pushes_keep_the_latest_ticket_which_the_next_component_fetch_uses(
+        make_sidecar, sim, http):
+    running = await start_platform(make_sidecar, sim)
+    sim.settings.verify_ticket_interval_s = 0.2            # WeChat's 10 minutes, shortened
+    await wait_until(lambda: len(sim.pushes_sent) >= 3, timeout=5)
+    sim.settings.verify_ticket_interval_s = 0
+    await asyncio.sleep(0.1)                               # a push under way lands
+    assert all(status == 200 for _, status in sim.pushes_sent)
+    await wait_until(lambda: running.sidecar.managers["plat"].current() is not None)
+    latest = sim.verify_tickets[PLATFORM].value
+    assert await running.sidecar.store.get_value(f"verify_ticket:{PLATFORM}") == latest
+    # The simulator takes only the latest ticket (61006 otherwise): a refresh
+    # now succeeds only with the one pushed last.
+    sim.rotate(PLATFORM, "component")
+    status, body = await get_json(http, f"{running.base}/cgi-bin/component/api_get_authorizer_list")
+    assert status == 200 and body["errcode"] == 0
+    assert running.sidecar.platforms["plat"].pushes["component_verify_ticket"] == len(sim.pushes_sent)
 
 
 async def test_the_admin_port_takes_a_verify_ticket_too(make_sidecar, sim, http):
@@ -221,10 +243,17 @@ async def test_an_authorized_push_registers_the_account_and_its_calls_carry_its_
     status, body = await get_json(http, f"{running.base}/cgi-bin/user/info")
     assert status == 400 and "X-WeChat-Authorizer" in body["errmsg"]
 
+    # updateauthorized: a new code, a new refresh token replaces the stored one
+    code = sim.authorize(PLATFORM, appid)
+    assert await sim.push(PLATFORM, {"InfoType": "updateauthorized", "AuthorizerAppid": appid,
+                                     "AuthorizationCode": code}) == 200
+    assert await running.sidecar.store.registry_get(PLATFORM, appid) == sim.refresh_tokens[appid]
+
     async with http.post(f"{sim.url}/_sim/component/unauthorize?authorizer_appid={appid}") as resp:
         assert (await resp.json())["pushed"] == 200
     status, body = await get_json(http, f"{running.base}/plat/{appid}/cgi-bin/user/info")
     assert status == 404
+    assert await running.sidecar.store.registry_get(PLATFORM, appid) is None
 
 
 async def test_a_forwarded_api_query_auth_registers_the_authorizer(make_sidecar, sim, http):
