@@ -119,23 +119,23 @@ class AdminRoutes:
             return admin_error(404, f"no platform app {name[:64]!r} (token_api: component apps: {platforms})")
         return platform
 
-    @staticmethod
-    async def _json_body(request: web.Request) -> dict | web.Response:  # type: ignore[type-arg]
+    async def _platform_and_body(self, request: web.Request) -> "tuple[Platform, dict] | web.Response":  # type: ignore[type-arg]
+        platform = self._platform(request)
+        if isinstance(platform, web.Response):
+            return platform
         try:
             data = await request.json()
         except ValueError:
             return admin_error(400, "the body must be JSON")
         if not isinstance(data, dict):
             return admin_error(400, "the body must be a JSON object")
-        return data
+        return platform, data
 
     async def verify_ticket(self, request: web.Request) -> web.Response:
-        platform = self._platform(request)
-        if isinstance(platform, web.Response):
-            return platform
-        data = await self._json_body(request)
-        if isinstance(data, web.Response):
-            return data
+        given = await self._platform_and_body(request)
+        if isinstance(given, web.Response):
+            return given
+        platform, data = given
         ticket = data.get("component_verify_ticket")
         if not isinstance(ticket, str) or not ticket or not ticket.isprintable() or len(ticket) > 1024:
             return admin_error(400, "component_verify_ticket must be a non-empty string")
@@ -148,12 +148,10 @@ class AdminRoutes:
     async def import_authorizers(self, request: web.Request) -> web.Response:
         """One authorizer ({"authorizer_appid", "authorizer_refresh_token"})
         or many ({"authorizers": [...]}) from an existing platform's database."""
-        platform = self._platform(request)
-        if isinstance(platform, web.Response):
-            return platform
-        data = await self._json_body(request)
-        if isinstance(data, web.Response):
-            return data
+        given = await self._platform_and_body(request)
+        if isinstance(given, web.Response):
+            return given
+        platform, data = given
         items = data.get("authorizers", [data]) if "authorizers" in data else [data]
         if not isinstance(items, list) or not 0 < len(items) <= MAX_IMPORT:
             return admin_error(400, f"authorizers must be a list of 1 to {MAX_IMPORT} entries")

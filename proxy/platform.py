@@ -29,7 +29,7 @@ from cachetools import Cache, LRUCache
 from .config import App
 from .httpserver import query_values
 from .tokens import TokenManager, TokenStore, TokenUnavailable
-from .tokens.fetchers import TOKEN_ERRORS, Fetched, FetchError, _HttpFetcher
+from .tokens.fetchers import TOKEN_ERRORS, Fetched, FetchError, HttpFetcher
 from .tokens.policy import FailureKind
 from .tokens.store import StoreUnavailable
 from .wxcrypt import CryptoError, MessageCrypto
@@ -81,7 +81,7 @@ def parse_xml(data: bytes, what: str) -> dict[str, str]:
     return {child.tag: (child.text or "").strip() for child in root}
 
 
-class ComponentFetcher(_HttpFetcher):
+class ComponentFetcher(HttpFetcher):
     """POST /cgi-bin/component/api_component_token with the latest stored
     component_verify_ticket (pushed every 10 minutes, valid 12 hours)."""
     api = "component"
@@ -113,7 +113,7 @@ class ComponentFetcher(_HttpFetcher):
         return await super().fetch(force)
 
 
-class AuthorizerFetcher(_HttpFetcher):
+class AuthorizerFetcher(HttpFetcher):
     """POST /cgi-bin/component/api_authorizer_token with the component token
     and the authorizer's stored refresh token. Runs under the cluster's fetch
     lock (the store's fetch_exclusive), so one sidecar refreshes at a time."""

@@ -296,17 +296,12 @@ class WeChatSimulator:
         if not self._quota(key, self.settings.token_daily_limit):
             return self._error(45009, "reach max api daily quota limit, could get access_token by getStableAccessToken")
         self._count_fetch(key)
-        self._supersede(key, self.settings.grace_s)
-        return self._token_answer(self._new_token("client_credential", key))
+        return self._token_answer(self._reissue("client_credential", key))
 
     async def stable_token(self, request: web.Request) -> web.StreamResponse:
-        if request.method != "POST":
-            return self._error(43002, "require POST method")
-        try:
-            body = await request.json()
-            assert isinstance(body, dict)
-        except Exception:
-            return self._error(47001, "data format error")
+        body = await self._json_body(request)
+        if isinstance(body, web.Response):
+            return body
         appid = str(body.get("appid", ""))
         key = f"stable:{appid}"
         fault = await self._token_fault(key)
@@ -609,8 +604,9 @@ class WeChatSimulator:
         self.refresh_tokens[authorizer_appid] = token
         return token
 
-    def _component_caller(self, request: web.Request) -> tuple[str, Issued] | web.Response:
-        """The platform a component call is from, by its component_access_token."""
+    async def _component_call(self, request: web.Request) -> tuple[str, dict[str, Any]] | web.Response:
+        """A component API call: (the platform it is from, by its
+        component_access_token; its JSON body), or WeChat's answer to a bad one."""
         value = request.query.get("component_access_token")
         error = self.token_error(value)
         if error is not None:
@@ -618,7 +614,18 @@ class WeChatSimulator:
         issued = self.tokens[value or ""]
         if issued.api != "component":
             return self._error(40001, "invalid credential, access_token is invalid or not latest")
-        return issued.key.split(":", 1)[1], issued
+        body = await self._json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        return issued.key.split(":", 1)[1], body
+
+    def _reissue(self, api: str, key: str) -> Issued:
+        """A new token for `key`; the one it replaces keeps the grace window."""
+        self._supersede(key, self.settings.grace_s)
+        return self._new_token(api, key)
+
+    def _expires_in(self, issued: Issued) -> int:
+        return max(1, round(issued.expires_at - self.clock()))
 
     async def _json_body(self, request: web.Request) -> dict[str, Any] | web.Response:
         if request.method != "POST":
@@ -652,49 +659,41 @@ class WeChatSimulator:
         if not self._quota(key, self.settings.token_daily_limit):
             return self._error(45009, "reach max api daily quota limit")
         self._count_fetch(key)
-        self._supersede(key, self.settings.grace_s)
-        issued = self._new_token("component", key)
-        return self._json({"component_access_token": issued.value,
-                           "expires_in": max(1, round(issued.expires_at - self.clock()))})
+        issued = self._reissue("component", key)
+        return self._json({"component_access_token": issued.value, "expires_in": self._expires_in(issued)})
 
     async def query_auth(self, request: web.Request) -> web.StreamResponse:
         """POST /cgi-bin/component/api_query_auth: an authorization code, once."""
-        caller = self._component_caller(request)
-        if isinstance(caller, web.Response):
-            return caller
-        body = await self._json_body(request)
-        if isinstance(body, web.Response):
-            return body
+        call = await self._component_call(request)
+        if isinstance(call, web.Response):
+            return call
+        platform, body = call
         code = self.auth_codes.pop(str(body.get("authorization_code", "")), None)
-        if code is None or code[0] != caller[0] or self.clock() >= code[2]:
+        if code is None or code[0] != platform or self.clock() >= code[2]:
             # The code's errcode is not in WeChat's public docs; this is the
             # one developers report for a used or expired code.
             return self._error(61010, "code is expired")
         authorizer = code[1]
-        key = f"authorizer:{authorizer}"
-        self._supersede(key, self.settings.grace_s)
-        issued = self._new_token("authorizer", key)
+        issued = self._reissue("authorizer", f"authorizer:{authorizer}")
         return self._json({"authorization_info": {
             "authorizer_appid": authorizer, "authorizer_access_token": issued.value,
-            "expires_in": max(1, round(issued.expires_at - self.clock())),
+            "expires_in": self._expires_in(issued),
             "authorizer_refresh_token": self.grant_refresh_token(authorizer),
             "func_info": [{"funcscope_category": {"id": 1}}]}})
 
     async def authorizer_token(self, request: web.Request) -> web.StreamResponse:
         """POST /cgi-bin/component/api_authorizer_token: a new authorizer token
         for a valid refresh token (rotated when rotate_refresh_tokens)."""
-        caller = self._component_caller(request)
-        if isinstance(caller, web.Response):
-            return caller
-        body = await self._json_body(request)
-        if isinstance(body, web.Response):
-            return body
+        call = await self._component_call(request)
+        if isinstance(call, web.Response):
+            return call
+        platform, body = call
         authorizer = str(body.get("authorizer_appid", ""))
         key = f"authorizer:{authorizer}"
         fault = await self._token_fault(key)
         if fault is not None:
             return fault
-        if self.authorizer_owner.get(authorizer) != caller[0] or body.get("component_appid") != caller[0]:
+        if self.authorizer_owner.get(authorizer) != platform or body.get("component_appid") != platform:
             return self._error(61003, "component is not authorized by this account")
         valid = self.refresh_tokens.get(authorizer)
         if valid is None or body.get("authorizer_refresh_token") != valid:
@@ -702,11 +701,9 @@ class WeChatSimulator:
             return self._error(61023, "refresh_token is invalid")
         self.authorizer_fetches[authorizer] = self.authorizer_fetches.get(authorizer, 0) + 1
         self._count_fetch(key)
-        self._supersede(key, self.settings.grace_s)
-        issued = self._new_token("authorizer", key)
+        issued = self._reissue("authorizer", key)
         refresh = self.grant_refresh_token(authorizer) if self.settings.rotate_refresh_tokens else valid
-        return self._json({"authorizer_access_token": issued.value,
-                           "expires_in": max(1, round(issued.expires_at - self.clock())),
+        return self._json({"authorizer_access_token": issued.value, "expires_in": self._expires_in(issued),
                            "authorizer_refresh_token": refresh})
 
     async def ctl_bulk_authorize(self, request: web.Request) -> web.Response:

@@ -44,7 +44,7 @@ class Fetcher(Protocol):
     async def fetch(self, force: bool = False) -> Fetched: ...
 
 
-class _HttpFetcher:
+class HttpFetcher:
     api = ""
     path = ""
     value_field = "access_token"      # where the answer carries the credential
@@ -99,7 +99,7 @@ class _HttpFetcher:
         return Fetched(value=value, expires_in=float(expires_in))
 
 
-class ClientCredentialFetcher(_HttpFetcher):
+class ClientCredentialFetcher(HttpFetcher):
     """GET /cgi-bin/token: every call invalidates the previous token after a
     5-minute grace (wechat-api-notes.md §1.1, §2); `force` changes nothing."""
     api = "client_credential"
@@ -110,7 +110,7 @@ class ClientCredentialFetcher(_HttpFetcher):
             "grant_type": "client_credential", "appid": self.app.appid, "secret": self.app.secret}}
 
 
-class StableFetcher(_HttpFetcher):
+class StableFetcher(HttpFetcher):
     """POST /cgi-bin/stable_token: normal mode returns the same token until its
     last 300 s; force mode rotates it, at most 20 a day, 30 s apart (§1.2)."""
     api = "stable"
@@ -122,7 +122,7 @@ class StableFetcher(_HttpFetcher):
         return {"method": "POST", "url": self.url, "json": body}
 
 
-class WeComFetcher(_HttpFetcher):
+class WeComFetcher(HttpFetcher):
     """GET /cgi-bin/gettoken on qyapi: per (corpid, agent secret) token; the
     success answer carries errcode 0 (wechat-api-notes.md §8)."""
     api = "wecom"
@@ -147,7 +147,7 @@ class WeComFetcher(_HttpFetcher):
 TOKEN_ERRORS = frozenset({40001, 40014, 42001})
 
 
-class TicketFetcher(_HttpFetcher):
+class TicketFetcher(HttpFetcher):
     """A ticket is fetched with its app's token: GET `path` with
     access_token and the ticket's query. A token error invalidates exactly
     the token used (through `invalidate`, single flight in the token's
@@ -195,7 +195,7 @@ class TicketFetcher(_HttpFetcher):
             retried = True
 
 
-FETCHERS: dict[str, type[_HttpFetcher]] = {
+FETCHERS: dict[str, type[HttpFetcher]] = {
     "client_credential": ClientCredentialFetcher,
     "stable": StableFetcher,
     "wecom": WeComFetcher,

@@ -27,8 +27,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .policy import Token
-from .store import (DEFAULT_DAILY_FETCH_CAP, Accept, EventFn, FetchCapReached, FetchFn,
-                    StoreUnavailable, fingerprint, quota_day)
+from .store import (DEFAULT_DAILY_FETCH_CAP, Accept, FetchCapReached, FetchFn, StoreUnavailable, Watchers,
+                    fingerprint, quota_day)
 
 log = logging.getLogger("proxy.store")
 
@@ -102,7 +102,7 @@ def _safe(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}"[:200]
 
 
-class RedisStore:
+class RedisStore(Watchers):
     def __init__(self, url: str, key_prefix: str = "wts:",
                  daily_fetch_cap: int = DEFAULT_DAILY_FETCH_CAP,
                  wait_budget_s: float = 20.0,
@@ -117,7 +117,7 @@ class RedisStore:
             decode_responses=True, retry_on_timeout=False, health_check_interval=10)
         self.owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
         self.channel = f"{key_prefix}events"
-        self._watchers: dict[str, list[EventFn]] = {}
+        Watchers.__init__(self)
         self._listener: asyncio.Task[None] | None = None
         self.errors = 0
 
@@ -156,15 +156,6 @@ class RedisStore:
         except (RedisError, OSError):
             pass
 
-    def watch(self, key: str, callback: EventFn) -> None:
-        self._watchers.setdefault(key, []).append(callback)
-
-    def unwatch(self, key: str, callback: EventFn) -> None:
-        callbacks = self._watchers.get(key, [])
-        if callback in callbacks:
-            callbacks.remove(callback)
-        if not callbacks:
-            self._watchers.pop(key, None)
 
     async def _listen(self) -> None:
         """Follow the events channel; resubscribe with backoff after an outage."""
@@ -195,8 +186,7 @@ class RedisStore:
         if len(parts) != 3:
             return
         event, key, fp = parts
-        for callback in list(self._watchers.get(key, ())):
-            callback(event, fp)
+        self.tell(key, event, fp)
 
     # ------------------------------------------------------------ tokens
 

@@ -79,7 +79,28 @@ class TokenStore(Protocol):
     async def close(self) -> None: ...
 
 
-class MemoryStore:
+class Watchers:
+    """Who is told of a key's events (store events: "new", "rejected", "removed")."""
+
+    def __init__(self) -> None:
+        self._watchers: dict[str, list[EventFn]] = {}
+
+    def watch(self, key: str, callback: EventFn) -> None:
+        self._watchers.setdefault(key, []).append(callback)
+
+    def unwatch(self, key: str, callback: EventFn) -> None:
+        callbacks = self._watchers.get(key, [])
+        if callback in callbacks:
+            callbacks.remove(callback)
+        if not callbacks:
+            self._watchers.pop(key, None)
+
+    def tell(self, key: str, event: str, fp: str) -> None:
+        for callback in list(self._watchers.get(key, ())):
+            callback(event, fp)
+
+
+class MemoryStore(Watchers):
     """One process's tokens. Apps in one sidecar with the same credentials share."""
 
     def __init__(self, daily_fetch_cap: int = DEFAULT_DAILY_FETCH_CAP,
@@ -91,22 +112,12 @@ class MemoryStore:
         self._counts: dict[tuple[str, str], int] = {}
         self._values: dict[str, str] = {}
         self._registries: dict[str, dict[str, str]] = {}
-        self._watchers: dict[str, list[EventFn]] = {}
+        # One process: the managers see every token change themselves; only
+        # a removed authorizer is news to them.
+        Watchers.__init__(self)
 
     async def start(self) -> None:
         return None
-
-    def watch(self, key: str, callback: EventFn) -> None:
-        # One process: the managers see every token change themselves; only
-        # a removed authorizer is news to them.
-        self._watchers.setdefault(key, []).append(callback)
-
-    def unwatch(self, key: str, callback: EventFn) -> None:
-        callbacks = self._watchers.get(key, [])
-        if callback in callbacks:
-            callbacks.remove(callback)
-        if not callbacks:
-            self._watchers.pop(key, None)
 
     async def get_value(self, key: str) -> str | None:
         return self._values.get(key)
@@ -130,8 +141,7 @@ class MemoryStore:
     async def registry_remove(self, registry: str, appid: str, token_key: str) -> bool:
         removed = self._registries.get(registry, {}).pop(appid, None) is not None
         self._tokens.pop(token_key, None)
-        for callback in list(self._watchers.get(token_key, ())):
-            callback("removed", "")
+        self.tell(token_key, "removed", "")
         return removed
 
     async def registry_page(self, registry: str, cursor: int, count: int) -> tuple[int, list[str]]:
