@@ -118,6 +118,18 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class Sentinel:
+    """Redis Sentinel: where the sentinels are and which master to follow."""
+    hosts: tuple[tuple[str, int], ...]
+    service: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)        # the master's and replicas'
+    sentinel_password: str | None = field(default=None, repr=False)  # the sentinels' own, if they have one
+    db: int = 0
+    tls: bool = False
+
+
+@dataclass(frozen=True)
 class Store:
     kind: str
     url: str = field(default="", repr=False)  # may carry a password
@@ -125,11 +137,16 @@ class Store:
     role: str = "fetcher"                     # fetcher | reader (never fetches)
     on_store_down: str = "fetch_locally"      # fetch_locally | fail
     daily_fetch_cap: int = 1000
+    cluster: bool = False                     # url names a node of a Redis Cluster
+    sentinel: Sentinel | None = None          # instead of url: the master Sentinel names
 
     @property
     def safe_url(self) -> str:
-        """The URL with any password masked, for summaries and logs."""
-        return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", self.url)
+        """Where the store is, with any password masked, for summaries and logs."""
+        if self.sentinel is not None:
+            return (f"sentinel {self.sentinel.service} via "
+                    + ",".join(f"{h}:{p}" for h, p in self.sentinel.hosts))
+        return ("cluster " if self.cluster else "") + re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", self.url)
 
 
 @dataclass(frozen=True)
@@ -341,6 +358,27 @@ def _choice(file: str, options: tuple[str, ...]) -> Callable[[Any, str], str]:
     return conv
 
 
+def _sentinel(sec: "_Section", file: str) -> Sentinel:
+    def hosts(value: Any, key: str) -> tuple[tuple[str, int], ...]:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(file, key, "must be a non-empty list of \"host:port\" sentinels")
+        out = []
+        for i, item in enumerate(value):
+            host, colon, port = str(item).rpartition(":")
+            if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(file, f"{key}[{i}]", f"must be host:port, got {str(item)[:60]!r}")
+            out.append((host.strip("[]"), int(port)))
+        return tuple(out)
+
+    sentinel = Sentinel(
+        hosts=sec.get("hosts", hosts), service=sec.get("service", _str(file)),
+        username=sec.get("username", _str(file), None), password=sec.get("password", _str(file, True), None),
+        sentinel_password=sec.get("sentinel_password", _str(file, True), None),
+        db=sec.get("db", _number(file, int, 0, 15), 0), tls=sec.get("tls", _bool(file), False))
+    sec.done()
+    return sentinel
+
+
 def _check_redis_url(url: str, file: str, key: str) -> None:
     if not re.match(r"^(redis|rediss|unix)://", url):
         raise ConfigError(file, key, "must start with redis://, rediss:// or unix://")
@@ -440,13 +478,22 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
         raise ConfigError(file, "store.kind", f"must be memory or redis, got {kind!r}")
     cap = store_s.get("daily_fetch_cap", _number(file, int, 1, 10**7), DEFAULT_DAILY_FETCH_CAP)
     if kind == "redis":
-        url = store_s.get("url", _str(file))
-        _check_redis_url(url, file, "store.url")
+        cluster = store_s.get("cluster", _bool(file), False)
+        sentinel = _sentinel(store_s.section("sentinel"), file) if "sentinel" in store_s.data else None
+        if sentinel is not None and ("url" in store_s.data or cluster):
+            raise ConfigError(file, "store.sentinel", "give either sentinel or url (with cluster: true for a "
+                                                      "Redis Cluster), not both")
+        url = ""
+        if sentinel is None:
+            url = store_s.get("url", _str(file))
+            _check_redis_url(url, file, "store.url")
+            if cluster and url.startswith("unix://"):
+                raise ConfigError(file, "store.url", "a Redis Cluster is reached over TCP: redis:// or rediss://")
         role = store_s.get("role", _choice(file, ("fetcher", "reader")), "fetcher")
         store = Store(
             kind=kind, url=url, key_prefix=store_s.get("key_prefix", _str(file), "wts:"), role=role,
             on_store_down=store_s.get("on_store_down", _choice(file, ("fetch_locally", "fail")), "fetch_locally"),
-            daily_fetch_cap=cap)
+            daily_fetch_cap=cap, cluster=cluster, sentinel=sentinel)
     else:
         store = Store(kind=kind, daily_fetch_cap=cap)
     store_s.done()

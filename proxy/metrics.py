@@ -184,6 +184,13 @@ class Metrics:
         errors = Family("wts_store_errors", "Errors talking to the shared token store", "counter", ())
         errors.labels().set(getattr(self._store, "errors", 0))
         parts.append(errors.render())
+        if hasattr(self._store, "reconnects"):
+            reconnects = Family("wts_store_reconnects", "Times the store's event subscription came back after "
+                                "a break (tokens held were written back)", "counter", ())
+            reconnects.labels().set(getattr(self._store, "reconnects", 0))
+            failovers = Family("wts_store_failovers", "Sentinel failovers followed to a new master", "counter", ())
+            failovers.labels().set(getattr(self._store, "failovers", 0))
+            parts += (reconnects.render(), failovers.render())
         return "".join(parts)
 
     def _histogram(self) -> str:

@@ -39,7 +39,8 @@ def make_store(cfg: Config) -> TokenStore:
         from .tokens.redis_store import RedisStore
         # Wait for another sidecar's fetch at most as long as a fetch may take.
         return RedisStore(cfg.store.url, cfg.store.key_prefix, cfg.store.daily_fetch_cap,
-                          wait_budget_s=cfg.upstream.timeout_s + 5)
+                          wait_budget_s=cfg.upstream.timeout_s + 5, cluster=cfg.store.cluster,
+                          sentinel=cfg.store.sentinel)
     return MemoryStore(cfg.store.daily_fetch_cap)
 
 
@@ -70,6 +71,8 @@ class Sidecar:
             cookie_jar=aiohttp.DummyCookieJar(),  # apps' cookies are not ours to keep
         )
         self.store = make_store(cfg)
+        if hasattr(self.store, "on_reconnect"):
+            self.store.on_reconnect.append(self.reseed)
         await self.store.start()
         self.managers = {app.name: self._manager(app) for app in cfg.apps}
         self.platforms = {app.name: self._platform(app, self.managers[app.name])
@@ -217,6 +220,22 @@ class Sidecar:
         self.access.flush()
         if self.session is not None:
             await self.session.close()
+
+    def holders(self) -> list[TokenManager]:
+        """Every manager holding a credential now: apps, their tickets, cached authorizers."""
+        out: list[TokenManager] = []
+        for manager in self.managers.values():
+            out.append(manager)
+            out.extend(manager.dependents.values())
+        for platform in self.platforms.values():
+            out.extend(platform.managers.values())
+        return out
+
+    async def reseed(self) -> None:
+        """The store is back: each holder writes back what it holds (where
+        the store has nothing, or something older), so no fetch is needed."""
+        for manager in self.holders():
+            await manager.reseed()
 
     def waiting_for_ticket(self, name: str) -> bool:
         """A platform app that has never had a verify ticket: it is ready to

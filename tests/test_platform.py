@@ -408,7 +408,7 @@ async def test_a_rotated_refresh_token_is_stored_even_when_redis_stalls_during_t
     redis_server.command("CLIENT", "PAUSE", "2500", "WRITE")         # and Redis takes no writes for 2.5 s
     status, body = await call
     assert status == 200 and body["errcode"] == 0
-    stored = redis_server.command("HGET", f"t:registry:{PLATFORM}", appid)
+    stored = redis_server.command("HGET", f"t:registry:{{{PLATFORM}}}", appid)
     assert sim.refresh_tokens[appid].encode() in stored               # the rotated one, not the spent one
     sim.rotate(appid, key=key)
     assert (await get_json(http, f"{running.base}/plat/{appid}/cgi-bin/user/info"))[0] == 200
@@ -464,7 +464,7 @@ async def test_two_sidecars_racing_to_refresh_rotating_refresh_tokens_never_lose
     assert sim.refresh_token_refusals == 0
     for appid in accounts:
         assert sim.authorizer_fetches[appid] == 1 + rounds           # one refresh per rotation, cluster-wide
-        stored = redis_server.command("HGET", f"t:registry:{PLATFORM}", appid)
+        stored = redis_server.command("HGET", f"t:registry:{{{PLATFORM}}}", appid)
         assert sim.refresh_tokens[appid].encode() in stored
     for replica in replicas:
         assert "Traceback" not in replica.proc.output()

@@ -103,7 +103,7 @@ async def test_killing_the_lock_holder_mid_fetch_lets_another_take_over(sim, red
     owner = b""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        owner = redis_server.command("GET", f"t:lock:stable:{APPID}")
+        owner = redis_server.command("GET", f"t:lock:{{stable:{APPID}}}")
         if owner.startswith(b"$") and not owner.startswith(b"$-1"):
             break
         await asyncio.sleep(0.05)
@@ -231,7 +231,7 @@ async def test_a_late_rejection_never_marks_the_newer_token_stored_since(redis_s
         assert await store.reject("mp", "T1") is False               # A's late rejection: no effect
         loaded = await store.load("mp")
         assert loaded is not None and loaded.value == "T2"
-        assert redis_server.command("HGET", "cas:token:mp", "rejected") == b"$1\r\n0\r\n"
+        assert redis_server.command("HGET", "cas:token:{mp}", "rejected") == b"$1\r\n0\r\n"
         assert await store.reject("mp", "T2") is True                # a rejection of the current one counts
         assert await store.reject("mp", "T2") is False               # once
         assert await store.load("mp") is None

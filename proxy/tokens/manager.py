@@ -333,7 +333,7 @@ class TokenManager:
 
         def accept(token: Token) -> bool:
             """Is a token someone else put in the store good enough to skip a fetch?"""
-            if token.value == rejected:
+            if token.value == rejected or self._older(token):
                 return False
             if not use_store:       # admin / caller refresh: only a token fetched since the ask
                 return token.fetched_at >= asked_at
@@ -460,8 +460,26 @@ class TokenManager:
         except StoreUnavailable:
             return
         if token is not None and token != self.state.token and token.value != self.state.rejected \
-                and self.clock() < token.usable_until:
+                and self.clock() < token.usable_until and not self._older(token):
             self.state.on_adopted(token)
+
+    def _older(self, token: Token) -> bool:
+        """Fetched before the one held: a write lost in a failover, never to
+        be taken back (the holder writes its own back instead, `reseed`)."""
+        held = self.state.token
+        return held is not None and token.value != held.value and token.fetched_at < held.fetched_at
+
+    async def reseed(self) -> None:
+        """The store came back (after an outage, a failover, a restart empty):
+        write back the token held, where the store has none or an older one."""
+        token = self.current()
+        if token is None or self.role == "reader":
+            return
+        try:
+            if await self.store.seed(self.key, token):
+                log.info("token written back to the store", extra={"event": "token_reseeded", "app": self.name})
+        except StoreUnavailable:
+            pass
 
     def _may_force(self) -> bool:
         return (self.app.token_api == "stable"

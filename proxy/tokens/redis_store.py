@@ -1,12 +1,28 @@
 """One token per credential for a whole cluster, kept in Redis.
 
-Keys (all under `key_prefix`):
-  token:<key>           hash {value, fetched_at, expires_at (epoch s), rejected}; expires with the token
-  lock:<key>            owner id; a short lease renewed while its owner fetches
-  fetches:<key>:<day>   token fetches made by the cluster that day (China time)
-  events                pub/sub channel: "new <key> <fp>" / "rejected <key> <fp>" / "removed <key> -"
-  value:<key>           a small named value (a platform's component_verify_ticket)
-  registry:<name>       hash appid -> refresh token: a platform's authorizers
+Keys (all under `key_prefix`; `{...}` is a Redis Cluster hash tag, so every
+key of one credential lives in one slot and each script touches one slot):
+  token:{<key>}           hash {value, fetched_at, expires_at (epoch s), rejected}; expires with the token
+  lock:{<key>}            owner id; a short lease renewed while its owner fetches
+  fetches:{<key>}:<day>   token fetches made by the cluster that day (China time)
+  value:{<key>}           a small named value (a platform's component_verify_ticket)
+  registry:{<name>}       hash appid -> refresh token: a platform's authorizers
+  events                  pub/sub channel: "new <key> <fp>" / "rejected <key> <fp>" / "removed <key> -"
+
+Events use classic pub/sub in every mode: in a Redis Cluster a PUBLISH
+reaches the subscribers of every node (the cluster bus forwards it), so one
+subscription on any node hears the whole fleet. Sharded pub/sub would need a
+subscription per slot a sidecar's credentials hash to; events are rare (one
+per rotation per credential), so the broadcast costs nothing that matters.
+Scripts name the channel as an argument, not a key, so they stay in one slot.
+
+A server (`url`), a Sentinel-managed master (`sentinel`: redis-py's own
+Sentinel client finds the master and follows a failover) or a Redis Cluster
+(`cluster: true`: redis-py's cluster client) are one store to the rest.
+After the connection comes back (an outage, a failover, a server restarted
+empty) every sidecar writes back the tokens it holds, each only where the
+store has none or an older one (`seed`), so a write lost in a failover
+rewinds nobody and an empty Redis is refilled without a fetch.
 
 Sidecars serve from their local copy; Redis is read only when a token is
 due, missing or refused, so a request never waits on Redis while the local
@@ -21,10 +37,14 @@ import os
 import socket
 import time
 import uuid
-from typing import Callable
+from typing import Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
+
+from ..config import Sentinel as SentinelConfig
 
 from .policy import Token
 from .store import (DEFAULT_DAILY_FETCH_CAP, Accept, FetchCapReached, FetchFn, StoreUnavailable, Watchers,
@@ -50,10 +70,30 @@ RESUBSCRIBE_MIN_S, RESUBSCRIBE_MAX_S = 0.2, 5.0
 _REJECT = """
 if redis.call('HGET', KEYS[1], 'value') == ARGV[1] and redis.call('HGET', KEYS[1], 'rejected') ~= '1' then
   redis.call('HSET', KEYS[1], 'rejected', '1')
-  redis.call('PUBLISH', KEYS[2], ARGV[2])
+  redis.call('PUBLISH', ARGV[3], ARGV[2])
   return 1
 end
 return 0
+"""
+
+# Store a fetched token and tell everyone. ARGV: value, fetched_at, expires_at,
+# expiry in ms since the epoch, channel, message.
+_SAVE = """
+redis.call('HSET', KEYS[1], 'value', ARGV[1], 'fetched_at', ARGV[2], 'expires_at', ARGV[3], 'rejected', '0')
+redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 1
+"""
+
+# Write a held token back only where the store has none, or an older one
+# (a failover lost the write, or the server restarted empty). Same ARGV.
+_SEED = """
+local stored = redis.call('HGET', KEYS[1], 'fetched_at')
+if stored and tonumber(stored) >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'value', ARGV[1], 'fetched_at', ARGV[2], 'expires_at', ARGV[3], 'rejected', '0')
+redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 1
 """
 
 _RENEW = """
@@ -85,12 +125,11 @@ end
 return 0
 """
 
-# Remove an authorizer and its token; tell every sidecar.
-_REMOVE = """
-local n = redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', KEYS[3], ARGV[2])
-return n
+# Drop a credential's token and tell every sidecar (an authorizer removed).
+_DROP = """
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
 """
 
 # Authorizers imported per Redis round trip.
@@ -103,28 +142,47 @@ def _safe(exc: BaseException) -> str:
 
 
 class RedisStore(Watchers):
-    def __init__(self, url: str, key_prefix: str = "wts:",
+    def __init__(self, url: str = "", key_prefix: str = "wts:",
                  daily_fetch_cap: int = DEFAULT_DAILY_FETCH_CAP,
                  wait_budget_s: float = 20.0,
                  clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time):
+                 wall: Callable[[], float] = time.time, *,
+                 cluster: bool = False, sentinel: SentinelConfig | None = None):
         self.prefix = key_prefix
         self.daily_fetch_cap = daily_fetch_cap
         self.wait_budget_s = wait_budget_s
         self.clock, self.wall = clock, wall
-        self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
-            decode_responses=True, retry_on_timeout=False, health_check_interval=10)
+        self.cluster, self.sentinel_config = cluster, sentinel
+        self.sentinel: Sentinel | None = None
+        common = {"socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S,
+                  "decode_responses": True}
+        if sentinel is not None:
+            self.sentinel = Sentinel(
+                list(sentinel.hosts), sentinel_kwargs={**common, "password": sentinel.sentinel_password or None},
+                **common)
+            self.redis = self.sentinel.master_for(
+                sentinel.service, username=sentinel.username, password=sentinel.password or None, db=sentinel.db,
+                ssl=sentinel.tls, retry_on_timeout=False)
+        elif cluster:
+            self.redis = RedisCluster.from_url(url, **common)
+        else:
+            self.redis = aioredis.Redis.from_url(url, retry_on_timeout=False, health_check_interval=10, **common)
         self.owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
         self.channel = f"{key_prefix}events"
         Watchers.__init__(self)
         self._listener: asyncio.Task[None] | None = None
         self.errors = 0
+        self.reconnects = 0            # the events subscription came back after a break
+        self.failovers = 0             # ... to another master than before (Sentinel)
+        self._master: tuple[str, int] | None = None
+        # Called after a reconnect: the holders write back what they hold (seed).
+        self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
 
     # ------------------------------------------------------------ keys, time
 
     def _k(self, kind: str, key: str) -> str:
-        return f"{self.prefix}{kind}:{key}"
+        """A key of one credential (or registry): hash-tagged by the credential."""
+        return f"{self.prefix}{kind}:{{{key}}}"
 
     def _to_local(self, wall_time: float) -> float:
         return wall_time - self.wall() + self.clock()
@@ -158,13 +216,23 @@ class RedisStore(Watchers):
 
 
     async def _listen(self) -> None:
-        """Follow the events channel; resubscribe with backoff after an outage."""
+        """Follow the events channel; resubscribe with backoff after an outage,
+        then have the holders write back what they hold."""
         delay = RESUBSCRIBE_MIN_S
+        broken = False
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
+                await self._note_master()
                 delay = RESUBSCRIBE_MIN_S
+                if broken:
+                    broken = False
+                    self.reconnects += 1
+                    log.info("store reachable again: writing back the tokens held",
+                             extra={"event": "store_reconnected"})
+                    for callback in self.on_reconnect:
+                        await callback()
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None:
@@ -175,11 +243,26 @@ class RedisStore(Watchers):
                 raise
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 self.errors += 1
+                broken = True
                 log.warning("store events: %s; resubscribing in %.1f s", _safe(exc), delay,
                             extra={"event": "store_error"})
             await _quiet_close(pubsub)
             await asyncio.sleep(delay)
             delay = min(RESUBSCRIBE_MAX_S, delay * 2)
+
+    async def _note_master(self) -> None:
+        """Sentinel: which master we follow; a new one is a failover followed."""
+        if self.sentinel is None or self.sentinel_config is None:
+            return
+        try:
+            master = await self.sentinel.discover_master(self.sentinel_config.service)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            return
+        if self._master is not None and master != self._master:
+            self.failovers += 1
+            log.warning("store: Sentinel failed over to a new master; following it",
+                        extra={"event": "store_failover"})
+        self._master = master
 
     def _dispatch(self, data: str) -> None:
         parts = data.split(" ")
@@ -192,6 +275,9 @@ class RedisStore(Watchers):
 
     async def load(self, key: str) -> Token | None:
         data = await self._call("load", self.redis.hgetall(self._k("token", key)))
+        if not data and not self.cluster:
+            # Written before keys were hash-tagged (an upgrade under way).
+            data = await self._call("load", self.redis.hgetall(f"{self.prefix}token:{key}"))
         if not data or data.get("rejected") == "1" or not data.get("value"):
             return None
         try:
@@ -200,25 +286,30 @@ class RedisStore(Watchers):
         except (KeyError, ValueError):
             return None
 
-    async def _save(self, key: str, token: Token) -> None:
+    def _token_args(self, key: str, token: Token) -> list[str]:
         expires_wall = self._to_wall(token.expires_at)
-        name = self._k("token", key)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(name, mapping={"value": token.value, "fetched_at": repr(self._to_wall(token.fetched_at)),
-                                     "expires_at": repr(expires_wall), "rejected": "0"})
-            pipe.pexpireat(name, int(expires_wall * 1000) + 1000)
-            pipe.publish(self.channel, f"new {key} {fingerprint(token.value)}")
-            await self._call("save", pipe.execute())
+        return [token.value, repr(self._to_wall(token.fetched_at)), repr(expires_wall),
+                str(int(expires_wall * 1000) + 1000), self.channel, f"new {key} {fingerprint(token.value)}"]
+
+    async def _save(self, key: str, token: Token) -> None:
+        await self._call("save", self.redis.eval(_SAVE, 1, self._k("token", key), *self._token_args(key, token)))
+
+    async def seed(self, key: str, token: Token) -> bool:
+        """Write back a token held locally where the store has none or an older one."""
+        return bool(await self._call("seed", self.redis.eval(
+            _SEED, 1, self._k("token", key), *self._token_args(key, token))))
 
     async def reject(self, key: str, bad_value: str) -> bool:
         done = await self._call("reject", self.redis.eval(
-            _REJECT, 2, self._k("token", key), self.channel, bad_value,
-            f"rejected {key} {fingerprint(bad_value)}"))
+            _REJECT, 1, self._k("token", key), bad_value, f"rejected {key} {fingerprint(bad_value)}", self.channel))
         return bool(done)
 
     async def fetches_today(self, key: str) -> int | None:
-        value = await self._call("count", self.redis.get(self._k("fetches", f"{key}:{quota_day(self.wall())}")))
+        value = await self._call("count", self.redis.get(self._fetches_key(key)))
         return int(value or 0)
+
+    def _fetches_key(self, key: str) -> str:
+        return f"{self._k('fetches', key)}:{quota_day(self.wall())}"
 
     # ------------------------------------------------------------ values and registries
 
@@ -242,9 +333,12 @@ class RedisStore(Watchers):
             _CAS, 1, self._k("registry", registry), appid, old, new)))
 
     async def registry_remove(self, registry: str, appid: str, token_key: str) -> bool:
-        return bool(await self._call("registry", self.redis.eval(
-            _REMOVE, 3, self._k("registry", registry), self._k("token", token_key), self.channel,
-            appid, f"removed {token_key} -")))
+        # Two steps (the registry and the token live in different slots):
+        # gone from the registry first, so nobody fetches it again.
+        removed = await self._call("registry", self.redis.hdel(self._k("registry", registry), appid))
+        await self._call("registry", self.redis.eval(_DROP, 1, self._k("token", token_key), self.channel,
+                                                     f"removed {token_key} -"))
+        return bool(removed)
 
     async def registry_page(self, registry: str, cursor: int, count: int) -> tuple[int, list[str]]:
         cursor, found = await self._call("registry", self.redis.hscan(
@@ -280,8 +374,7 @@ class RedisStore(Watchers):
             token = await self.load(key)          # someone may have finished just before us
             if token is not None and accept(token):
                 return token, False
-            count = await self._call("count", self.redis.eval(
-                _COUNT, 1, self._k("fetches", f"{key}:{quota_day(self.wall())}"), self.daily_fetch_cap))
+            count = await self._call("count", self.redis.eval(_COUNT, 1, self._fetches_key(key), self.daily_fetch_cap))
             if int(count) < 0:
                 raise FetchCapReached(f"daily fetch cap of {self.daily_fetch_cap} reached for the cluster "
                                       f"(store.daily_fetch_cap)")

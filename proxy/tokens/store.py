@@ -56,6 +56,8 @@ class TokenStore(Protocol):
 
     def unwatch(self, key: str, callback: EventFn) -> None: ...
 
+    async def seed(self, key: str, token: Token) -> bool: ...
+
     # Small named values (a platform's component_verify_ticket).
     async def get_value(self, key: str) -> str | None: ...
 
@@ -118,6 +120,13 @@ class MemoryStore(Watchers):
 
     async def start(self) -> None:
         return None
+
+    async def seed(self, key: str, token: Token) -> bool:
+        stored = self._tokens.get(key)
+        if stored is not None and stored.fetched_at >= token.fetched_at:
+            return False
+        self._tokens[key] = token
+        return True
 
     async def get_value(self, key: str) -> str | None:
         return self._values.get(key)
