@@ -19,18 +19,25 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-def free_port() -> int:
-    high = min(_ephemeral_low(), 65536) - 1
-    low = max(10000, high - 15000)
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(also: int = 0) -> int:
+    """A free port; with `also`, one whose port + `also` is free too (a
+    Redis Cluster node listens on its port + 10000 for the cluster bus)."""
+    high = min(_ephemeral_low(), 65536) - 1 - also
+    low = max(10000, min(high - 5000, _ephemeral_low() - 1 - 15000))
     for _ in range(1000):
         port = random.randint(low, high)
-        if port in _HANDED_OUT:
+        pair = (port, port + also) if also else (port,)
+        if any(p in _HANDED_OUT for p in pair) or not all(_bindable(p) for p in pair):
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
+        _HANDED_OUT.update(pair)
         return port
     raise RuntimeError("no free port below the ephemeral range")
