@@ -798,8 +798,12 @@ def main() -> None:
     import argparse
     parser = argparse.ArgumentParser(description="the WeChat simulator on 127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--accounts", type=int, default=0,
+                        help="also accounts wx%%016x (0, 1, ...) with secrets fleet-secret-<n> (fleet benchmarks)")
     args = parser.parse_args()
-    web.run_app(WeChatSimulator().app(), host="127.0.0.1", port=args.port, access_log=None, print=None)
+    accounts = {DEMO_APPID: DEMO_SECRET, **{f"wx{n:016x}": f"fleet-secret-{n}" for n in range(args.accounts)}}
+    web.run_app(WeChatSimulator(accounts=accounts).app(), host="127.0.0.1", port=args.port, access_log=None,
+                print=None)
 
 
 if __name__ == "__main__":

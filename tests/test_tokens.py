@@ -9,7 +9,7 @@ import pytest
 
 from proxy.config import App
 from proxy.tokens import FailureKind, Fetched, FetchError, MemoryStore, TokenManager, TokenState, TokenUnavailable
-from proxy.tokens.policy import classify, retry_delay
+from proxy.tokens.policy import Token, classify, retry_delay
 
 from .conftest import wait_until
 
@@ -304,3 +304,17 @@ async def test_admin_refresh_overrides_backoff_and_reports_failure(manager_for):
     fetcher.fail = None
     token = await m.refresh_now()           # the operator fixed it: no waiting for the backoff
     assert token.value == "T3"
+
+
+def test_a_token_taken_from_the_store_and_rejected_before_serving_here_is_not_futile():
+    """In a fleet most replicas never call most apps between two rotations:
+    a rejection of a token another replica fetched says nothing about this
+    replica's refreshes, so it must not slow them down."""
+    state = TokenState(240, min_refresh_interval_s=1)
+    for n in range(10):
+        state.on_adopted(Token(value=f"T{n}", fetched_at=float(n), expires_at=7200.0))
+        assert state.reject(f"T{n}")
+    assert state.futile == 0 and state.forced_spacing() == 1
+    state.on_fetched("F", 7200, 10)                # one this replica fetched, rejected unserved: futile
+    state.reject("F")
+    assert state.futile == 1

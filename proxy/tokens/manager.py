@@ -83,6 +83,7 @@ class TokenManager:
         self._runner: asyncio.Task[None] | None = None
         self._started = False
         self._adopting: set[asyncio.Task[None]] = set()
+        self._looked_in_store_at = -1.0
         self._last_force_at = -STABLE_FORCE_SPACING_S
         self.role, self.on_store_down = role, on_store_down
         self.local_fetches_store_down = 0
@@ -271,18 +272,19 @@ class TokenManager:
 
     async def _wait_for_token(self, reason: str) -> Token:
         for attempt in (1, 2):
-            if self._inflight is None or self._inflight_starts_at - self.clock() > MAX_CALLER_WAIT_S:
-                if self.state.retry_at > self.clock():
-                    # Backing off: another sidecar may have what we failed to get.
-                    await self._adopt_from_store()
-                    token = self.current()
-                    if token is not None:
-                        return token
-            if self._inflight is None:
-                if self.state.retry_at > self.clock():
-                    raise TokenUnavailable(self._reason())
+            if self._inflight is None and self.state.retry_at <= self.clock():
                 self._start_refresh(reason)
-            assert self._inflight is not None
+            starts = self._inflight_starts_at if self._inflight is not None else self.state.retry_at
+            if starts > self.clock() and self.clock() - self._looked_in_store_at >= READER_POLL_S:
+                # Backing off, or a forced refresh spaced out: another sidecar
+                # may hold what we lack (one look per READER_POLL_S, not per call).
+                self._looked_in_store_at = self.clock()
+                await self._adopt_from_store()
+                token = self.current()
+                if token is not None:
+                    return token
+            if self._inflight is None:
+                raise TokenUnavailable(self._reason())
             wait = self._inflight_starts_at - self.clock()
             if wait > MAX_CALLER_WAIT_S:
                 raise TokenUnavailable(f"{self._reason()}; next refresh in {wait:.0f} s "
@@ -443,6 +445,8 @@ class TokenManager:
                 self._poke()
         elif event == "removed":
             self.on_removed()
+        elif event == "new" and self.state.token is not None and fingerprint(self.state.token.value) == fp:
+            return                                   # the news is the token held already
         elif event == "new" and self._inflight is None:
             self._wake_adopt = True
             self._poke()

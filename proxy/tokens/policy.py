@@ -145,6 +145,7 @@ class TokenState:
         self.last_failure: FetchFailure | None = None
         self.retry_at = 0.0                     # no automatic fetch before this
         self.served = False                     # the token has served a successful call
+        self.fetched_here = False               # this holder fetched it (not taken from the store)
         self.futile = 0                         # tokens in a row rejected before serving any call
         self._last_forced_at: float | None = None
         self.fetches_ok = 0
@@ -207,6 +208,7 @@ class TokenState:
     def on_fetched(self, value: str, expires_in: float, now: float) -> Token:
         if self.token is None or self.token.value != value:
             self.served = False
+        self.fetched_here = True
         self.token = Token(value=value, fetched_at=now, expires_at=now + expires_in)
         # WeChat's token endpoint just vouched for this value, even if it is the
         # one a business call refused: trust it (the forced-refresh budget
@@ -220,6 +222,7 @@ class TokenState:
     def on_fetched_token(self, token: Token) -> None:
         """A token this holder fetched itself."""
         self.on_adopted(token)
+        self.fetched_here = True
         self.rejected = None   # WeChat vouched for it just now (see on_fetched)
         self.fetches_ok += 1
 
@@ -227,6 +230,7 @@ class TokenState:
         """A token another holder fetched (shared store); no fetch counted."""
         if self.token is None or self.token.value != token.value:
             self.served = False
+            self.fetched_here = False
         self.token = token
         if self.rejected != token.value:
             self.rejected = None
@@ -247,8 +251,14 @@ class TokenState:
         if not self.is_current(value) or self.rejected == value:
             return False
         self.rejected = value
-        # Did refreshing help last time? A token that served calls says yes.
-        self.futile = 0 if self.served else self.futile + 1
+        # Did refreshing help last time? A token that served calls says yes;
+        # one this holder fetched that served nothing says no. A token taken
+        # from the store that served nothing here says nothing: in a fleet
+        # most replicas never call most apps between two rotations.
+        if self.served:
+            self.futile = 0
+        elif self.fetched_here:
+            self.futile += 1
         return True
 
     def clear_backoff(self) -> None:

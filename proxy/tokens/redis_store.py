@@ -58,8 +58,14 @@ log = logging.getLogger("proxy.store")
 LOCK_LEASE_S = 3.0
 LOCK_RENEW_S = 1.0
 
-# While another sidecar fetches, the others look for its result this often.
-POLL_S = 0.05
+# While another sidecar fetches, the others wait for its "new" (or "unlocked")
+# event, and look in Redis at least this often in case an event is missed or
+# the fetcher died (its lease then runs out: LOCK_LEASE_S).
+POLL_S = 0.5
+
+# Connections one sidecar keeps to a single Redis server for commands (the
+# event subscription has one more).
+MAX_CONNECTIONS = 4
 
 # Every Redis call fails fast: an outage must not stall token decisions.
 REDIS_TIMEOUT_S = 1.0
@@ -101,8 +107,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
+# Release the fetch lock if still ours, and wake the sidecars waiting on it.
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
 return 0
 """
 
@@ -166,7 +177,13 @@ class RedisStore(Watchers):
         elif cluster:
             self.redis = RedisCluster.from_url(url, **common)
         else:
-            self.redis = aioredis.Redis.from_url(url, retry_on_timeout=False, health_check_interval=10, **common)
+            # A few connections are plenty (each command takes well under a
+            # millisecond); a bounded pool keeps a fleet of 1,000 pods under
+            # Redis's default maxclients (10,000). Callers beyond it wait.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=MAX_CONNECTIONS, timeout=REDIS_TIMEOUT_S, retry_on_timeout=False,
+                health_check_interval=10, **common)
+            self.redis = aioredis.Redis(connection_pool=pool)
         self.owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
         self.channel = f"{key_prefix}events"
         Watchers.__init__(self)
@@ -175,6 +192,7 @@ class RedisStore(Watchers):
         self.reconnects = 0            # the events subscription came back after a break
         self.failovers = 0             # ... to another master than before (Sentinel)
         self._master: tuple[str, int] | None = None
+        self._news: dict[str, asyncio.Event] = {}     # keys a fetch waits on, woken by their events
         # Called after a reconnect: the holders write back what they hold (seed).
         self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
 
@@ -269,6 +287,9 @@ class RedisStore(Watchers):
         if len(parts) != 3:
             return
         event, key, fp = parts
+        waiting = self._news.get(key)
+        if waiting is not None:
+            waiting.set()
         self.tell(key, event, fp)
 
     # ------------------------------------------------------------ tokens
@@ -365,7 +386,20 @@ class RedisStore(Watchers):
                 return await self._fetch_locked(key, lock, owner, fetch, accept)
             if self.clock() > deadline:
                 raise StoreUnavailable(f"waited {self.wait_budget_s:g} s for another sidecar's token fetch")
-            await asyncio.sleep(POLL_S)
+            await self._wait_for_news(key)
+
+    async def _wait_for_news(self, key: str) -> None:
+        """Until an event about `key` (a new token, the lock released) or POLL_S."""
+        event = self._news.get(key)
+        if event is None:
+            event = self._news[key] = asyncio.Event()
+        try:
+            await asyncio.wait_for(event.wait(), timeout=POLL_S)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if self._news.get(key) is event:
+                del self._news[key]
 
     async def _fetch_locked(self, key: str, lock: str, owner: str, fetch: FetchFn,
                             accept: Accept) -> tuple[Token, bool]:
@@ -384,7 +418,7 @@ class RedisStore(Watchers):
         finally:
             renew.cancel()
             try:
-                await self.redis.eval(_RELEASE, 1, lock, owner)
+                await self.redis.eval(_RELEASE, 1, lock, owner, self.channel, f"unlocked {key} -")
             except (RedisError, OSError, asyncio.TimeoutError):
                 pass  # the lease runs out by itself
 
