@@ -1,12 +1,10 @@
 """Prometheus metrics, one registry per sidecar (no module globals).
 
 Names follow Prometheus conventions (`_total` counters, `_seconds` units,
-base units). What a user alerts on:
-  token fetches failing:  increase(wts_token_fetches_total{result!="ok"}[10m]) > 0
-  no usable token:        min(wts_token_usable) == 0
-  quota being burned:     max(wts_token_fetches_today) > 500
-                          or rate(wts_token_fetches_total[1h]) * 86400 > 1000
-  someone else rotating:  increase(wts_token_rotated_elsewhere_total[1h]) > 0
+base units). What operators alert on and look at lives in
+deploy/prometheus/rules.yaml (tested with promtool) and
+deploy/grafana/dashboard.json; tests/test_monitoring.py checks that every
+name they use is one this module writes.
 """
 from __future__ import annotations
 
@@ -181,6 +179,10 @@ class Metrics:
                 for info, count in platform.pushes.items():
                     pushes.labels(name, info).set(count)
             parts += (self.authorizers.render(), cached.render(), pushes.render())
+        cap = Family("wts_token_fetch_cap", "Token fetches allowed per credential per day (store.daily_fetch_cap): "
+                     "what wts_token_fetches_today is measured against", "gauge", ())
+        cap.labels().set(getattr(self._store, "daily_fetch_cap", 0))
+        parts.append(cap.render())
         errors = Family("wts_store_errors", "Errors talking to the shared token store", "counter", ())
         errors.labels().set(getattr(self._store, "errors", 0))
         parts.append(errors.render())
