@@ -393,6 +393,10 @@ class Forwarder:
         param = "access_token"
         platform = self.platforms.get(app.name) if self.platforms else None
         if platform is None:
+            if b"x-wechat-authorizer" in request.noted:
+                # Never the app's own token on a call meant for another account.
+                return sidecar_error(400, f"X-WeChat-Authorizer names an authorized account, but app {app.name} is "
+                                          "not a platform app (token_api: component)", outcome="bad_request"), None, None
             local = self.local.get(path)
             if path.startswith(self.no_token_prefixes):
                 manager = None               # pass-through: the call carries its own credentials (§5)

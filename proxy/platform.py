@@ -92,7 +92,7 @@ class ComponentFetcher(HttpFetcher):
         super().__init__(app, session, timeout_s)
         self.store = store
         self.ticket = ""
-        self.waiting_for_ticket = False     # no verify ticket has ever been stored
+        self.waiting_for_ticket = False     # no usable verify ticket is stored: a push is awaited
 
     def request_kwargs(self, force: bool) -> dict[str, Any]:
         return {"method": "POST", "url": self.url, "json": {
@@ -110,7 +110,18 @@ class ComponentFetcher(HttpFetcher):
                              "component: no component_verify_ticket yet (forward WeChat's pushes to "
                              "/sidecar/component/event, or POST /admin/component/verify_ticket)")
         self.ticket = ticket
-        return await super().fetch(force)
+        try:
+            return await super().fetch(force)
+        except FetchError as exc:
+            # The stored ticket is too old or not WeChat's latest: only a new
+            # push helps, and the pod must be ready to receive it.
+            self.waiting_for_ticket = exc.errcode in TICKET_ERRORS
+            raise
+
+
+# api_component_token's answers to a verify ticket it does not take:
+# 61005 "component ticket is expired", 61006 "component ticket is invalid".
+TICKET_ERRORS = frozenset({61005, 61006})
 
 
 class AuthorizerFetcher(HttpFetcher):

@@ -534,3 +534,40 @@ def test_check_summarises_a_platform_app_without_its_secrets(tmp_path):
     for secret in (DEMO_COMPONENT_SECRET, DEMO_COMPONENT_TOKEN, DEMO_COMPONENT_AES_KEY):
         assert secret not in result.stdout + result.stderr
     assert str(aes_file) in config_mod.load(path).watched_files()      # a changed key file reloads
+
+
+async def test_an_authorizer_header_on_an_ordinary_app_is_refused_not_given_the_apps_token(make_sidecar, sim, http):
+    running = await start_platform(make_sidecar, sim)
+    status, body = await get_json(http, f"{running.base}/mp/cgi-bin/user/info",
+                                  headers={"X-WeChat-Authorizer": AUTHORIZERS[0]})
+    assert status == 400 and "not a platform app" in body["errmsg"]
+    assert sim.business_received == 0
+
+
+async def test_a_reload_that_changes_the_platform_app_keeps_serving_its_authorizers(make_sidecar, sim, http):
+    running = await with_ticket(make_sidecar, sim)
+    appid = AUTHORIZERS[0]
+    await import_authorizers(http, running, {appid: authorized(sim, appid)})
+    assert (await get_json(http, f"{running.base}/plat/{appid}/cgi-bin/user/info"))[0] == 200
+    old = running.sidecar.platforms["plat"]
+    new_config = config_mod.parse(platform_yaml(sim.url, extra="max_cached_authorizers: 7\n"), "<t>", env={})
+    running.sidecar.reload(new_config)
+    platform = running.sidecar.platforms["plat"]
+    assert platform is not old and platform.managers.maxsize == 7
+    await wait_until(lambda: running.sidecar.managers["plat"].current() is not None)
+    status, body = await get_json(http, f"{running.base}/plat/{appid}/cgi-bin/user/info")
+    assert status == 200 and body["errcode"] == 0
+    assert sim.authorizer_fetches[appid] == 1       # the store held its token: nothing fetched again
+
+
+async def test_a_platform_whose_stored_ticket_wechat_refuses_stays_ready_for_the_next_push(make_sidecar, sim, http):
+    running = await start_platform(make_sidecar, sim)
+    async with http.post(f"{running.admin}/admin/component/verify_ticket?app=plat",
+                         json={"component_verify_ticket": "ticket@@@stale"}) as resp:
+        assert resp.status == 200
+    component = running.sidecar.managers["plat"]
+    await wait_until(lambda: component.state.last_failure is not None and component.state.last_failure.errcode == 61006)
+    status, ready = await get_json(http, f"{running.admin}/readyz")
+    assert status == 200 and "component_verify_ticket" in ready["warnings"]["plat"]
+    assert await sim.push_verify_ticket(PLATFORM) == 200          # the push it was ready for
+    await wait_until(lambda: component.current() is not None)
