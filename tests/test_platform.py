@@ -571,3 +571,20 @@ async def test_a_platform_whose_stored_ticket_wechat_refuses_stays_ready_for_the
     assert status == 200 and "component_verify_ticket" in ready["warnings"]["plat"]
     assert await sim.push_verify_ticket(PLATFORM) == 200          # the push it was ready for
     await wait_until(lambda: component.current() is not None)
+
+
+async def test_an_authorizer_refresh_met_by_a_refused_component_token_refreshes_that_and_retries_once(
+        make_sidecar, sim, http):
+    running = await with_ticket(make_sidecar, sim)
+    appid = AUTHORIZERS[0]
+    await import_authorizers(http, running, {appid: authorized(sim, appid)})
+    url = f"{running.base}/plat/{appid}/cgi-bin/user/info"
+    assert (await get_json(http, url))[0] == 200
+    components = sim.fetch_count("component")
+    sim.rotate(PLATFORM, "component")              # the component token dies...
+    sim.rotate(appid, key=f"authorizer:{appid}")   # ...and the authorizer's too
+    status, body = await get_json(http, url)
+    assert status == 200 and body["errcode"] == 0
+    assert sim.fetch_count("component") == components + 1
+    assert sim.authorizer_fetches[appid] == 2        # the refused try is not counted by WeChat, the retry is
+    assert sim.refresh_token_refusals == 0
