@@ -14,18 +14,19 @@ import re
 import time
 import uuid
 import zlib
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import quote, unquote
 
 from .config import App, Config
 from . import jssdk
 from .credentials import TICKET_PATHS, local_kind, signing_kind
-from .httpserver import JSON_HEADER, BodyError, Header, Reply, Request, http_date, json_error_body
+from .httpserver import BodyError, Header, Reply, Request
 from .logs import AccessLog
 from .metrics import Metrics
-from .platform import AUTHORIZER_APPID_RE, Platform, PushRefused
+from .platform import Platform
+from .platform_calls import QUERY_AUTH_PATH, Handler, PlatformCalls
+from .replies import SIDECAR_ROOT, held, local_reply, sidecar_error
 from .tokens import Token, TokenManager, TokenUnavailable
-from .tokens.store import StoreUnavailable
 from .upstream import Response, UpstreamError, UpstreamPool, UpstreamTimeout
 
 log = logging.getLogger("proxy.forward")
@@ -105,27 +106,7 @@ NOTED_HEADERS = (b"x-wechat-app", b"x-request-id", b"host", b"origin", b"sec-fet
 # it"): a Host naming anything else is a browser led there by DNS rebinding.
 LOOPBACK_NAMES = frozenset({"localhost"})
 
-# The sidecar's own root on the proxy port: never forwarded.
-SIDECAR_ROOT = "/sidecar"
 JSSDK_PATH = "/sidecar/jssdk"
-COMPONENT_EVENT_PATH = "/sidecar/component/event"
-COMPONENT_ROOT = "/cgi-bin/component/"
-QUERY_AUTH_PATH = "/cgi-bin/component/api_query_auth"
-
-
-def local_reply(body: bytes) -> Reply:
-    """A JSON answer the sidecar makes itself (tokens, tickets, jssdk):
-    never cached by anyone on the way."""
-    return Reply(200, [JSON_HEADER, (b"Cache-Control", b"no-store"), (b"Date", http_date())], body)
-
-
-async def held(manager: TokenManager) -> Token | Reply:
-    """The credential a manager holds (fetched if there is none), or the
-    503 that says why there is none."""
-    try:
-        return manager.current() or await manager.get()
-    except TokenUnavailable as exc:
-        return sidecar_error(503, str(exc))
 
 
 def host_of(authority: str) -> str | None:
@@ -150,18 +131,6 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def sidecar_error(status: int, why: str, headers: dict[str, str] | None = None,
-                  outcome: str = "") -> Reply:
-    """An error made by the sidecar itself, in WeChat's shape (DESIGN.md);
-    `outcome` is how it is counted in wts_calls_total{outcome}."""
-    extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    return Reply(status, [JSON_HEADER, (b"Date", http_date()), *extra], json_error_body(why),
-                 outcome or _OUTCOME_BY_STATUS.get(status, "bad_request"))
-
-
-_OUTCOME_BY_STATUS = {502: "upstream_unreachable", 504: "upstream_timeout", 503: "no_token"}
 
 
 # Request limits answered with JSON before anything is forwarded. The proxy
@@ -286,17 +255,14 @@ class Forwarder:
         # The calls the sidecar answers itself, path -> handler; a handler
         # answering None leaves the call to be forwarded (a getticket of
         # another type, a token path with another method).
-        self.local: dict[str, Callable[[Request, App, TokenManager, str], Awaitable[Reply | None]]] = {
-            **{path: self._answer_locally for path in LOCAL_TOKEN_PATHS},
+        token_answers: dict[str, Handler] = {path: self._answer_locally for path in LOCAL_TOKEN_PATHS}
+        self.local: dict[str, Handler] = {
+            **token_answers,
             **{path: self._answer_ticket for path in TICKET_PATHS},
             JSSDK_PATH: self._jssdk,
         }
-        # A platform app's own local answers (DESIGN.md, Third-party platforms).
-        self.platform_local: dict[str, Callable[[Request, App, TokenManager, str], Awaitable[Reply | None]]] = {
-            "/cgi-bin/component/api_component_token": self._component_token,
-            "/cgi-bin/component/api_authorizer_token": self._authorizer_token,
-            COMPONENT_EVENT_PATH: self._component_event,
-        }
+        # A platform app's calls (Open Platform): their credential and local answers.
+        self.platform_calls = PlatformCalls(self.platforms, token_answers, self.no_token_prefixes)
         # /sidecar/jssdk's answers start with the app's names, made once:
         # (app, kind=agent) -> the JSON head; no agent head without an agentid.
         self._jssdk_heads = {(app.name, False): jssdk.head({"appId": app.appid}) for app in config.apps}
@@ -401,7 +367,7 @@ class Forwarder:
             if path.startswith(self.no_token_prefixes):
                 manager = None               # pass-through: the call carries its own credentials (§5)
         else:
-            chosen = await self._platform_route(request, platform, path)
+            chosen = await self.platform_calls.route(request, platform, path)
             if isinstance(chosen, Reply):
                 return chosen, None, None
             manager, path, param, local = chosen
@@ -446,54 +412,8 @@ class Forwarder:
         target = f"{path}?{with_token(raw_query, token.value, param)}"
         result = await self._exchange(request, target, headers, body, token, manager, app, path, raw_query, param)
         if path == QUERY_AUTH_PATH and platform is not None:
-            await self._register_from(platform, result[0])
+            await self.platform_calls.register_from(platform, result[0])
         return result
-
-    async def _platform_route(self, request: Request, platform: Platform, path: str
-                              ) -> tuple[TokenManager | None, str, str, Any] | Reply:
-        """A platform app's call: for an authorizer (X-WeChat-Authorizer or
-        the path prefix /<app>/<authorizer appid>/), with the component token
-        (/cgi-bin/component/...), one of the platform's own endpoints, or a
-        pass-through; anything else lacks the account it is for."""
-        named = request.noted.get(b"x-wechat-authorizer")
-        appid = named.decode("latin-1").strip() if named is not None else None
-        if appid is None:
-            first, slash, rest = path[1:].partition("/")
-            if AUTHORIZER_APPID_RE.match(first):
-                appid, path = first, "/" + rest
-        if appid is not None:
-            try:
-                manager = await platform.authorizer(appid)
-            except StoreUnavailable as exc:
-                return sidecar_error(503, f"authorizer {appid[:64]!r}: {exc}")
-            if manager is None:
-                return sidecar_error(404, f"unknown authorizer {appid[:64]!r} for platform app {platform.app.name} "
-                                          "(authorized accounts register through the authorized push, "
-                                          "api_query_auth or POST /admin/authorizers)", outcome="bad_request")
-            return manager, path, "access_token", self.local.get(path) if path in LOCAL_TOKEN_PATHS else None
-        component = platform.component
-        local = self.platform_local.get(path)
-        if local is not None or path.startswith(COMPONENT_ROOT):
-            return component, path, "component_access_token", local
-        if path.startswith(SIDECAR_ROOT) or path.startswith(self.no_token_prefixes):
-            return None, path, "", None   # a pass-through, or the 404 of an unknown /sidecar/ path
-        return sidecar_error(400, f"a call for platform app {platform.app.name} names the authorized account: "
-                                  "header X-WeChat-Authorizer: <appid> or the path prefix "
-                                  f"/{platform.app.name}/<authorizer appid>/ (component calls go to "
-                                  "/cgi-bin/component/...)", outcome="bad_request")
-
-    async def _register_from(self, platform: Platform, reply: Reply) -> None:
-        """api_query_auth was forwarded: its answer registers the authorizer."""
-        if reply.status != 200 or not reply.body:
-            return
-        try:
-            data = json.loads(reply.body)
-            await platform.register_answer(data)
-        except ValueError:
-            return
-        except StoreUnavailable as exc:
-            log.error("api_query_auth answered but the authorizer could not be registered: %s", exc,
-                      extra={"event": "store_error", "app": platform.app.name})
 
     async def _exchange(self, request: Request, target: str, headers: list[Header], body: bytes,
                         token: Token | None, manager: TokenManager | None, app: App, path: str,
@@ -631,72 +551,6 @@ class Forwarder:
         left = max(1, int(ticket.remaining(time.monotonic())))
         payload = {"errcode": 0, "errmsg": "ok", "ticket": ticket.value, "expires_in": left}
         return local_reply(json.dumps(payload).encode())
-
-    # ------------------------------------------------------------ Open Platform
-
-    @staticmethod
-    async def _component_token(request: Request, app: App, manager: TokenManager, path: str) -> Reply | None:
-        """api_component_token answered from the managed component token."""
-        if request.method != "POST":
-            return None
-        if request.body_exists:
-            try:
-                await request.read()
-            except BodyError as exc:
-                return sidecar_error(exc.status, exc.why, outcome="bad_request")
-        token = await held(manager)
-        if isinstance(token, Reply):
-            return token
-        left = max(1, int(token.remaining(time.monotonic())))
-        return local_reply(json.dumps({"component_access_token": token.value, "expires_in": left}).encode())
-
-    async def _authorizer_token(self, request: Request, app: App, manager: TokenManager, path: str) -> Reply | None:
-        """api_authorizer_token answered from the authorizer's managed token:
-        an SDK's refresh never spends (or races for) the refresh token."""
-        if request.method != "POST":
-            return None
-        try:
-            data = json.loads(await request.read() or b"{}")
-        except BodyError as exc:
-            return sidecar_error(exc.status, exc.why, outcome="bad_request")
-        except ValueError:
-            data = None
-        appid = data.get("authorizer_appid") if isinstance(data, dict) else None
-        if not isinstance(appid, str) or not appid:
-            return sidecar_error(400, "api_authorizer_token needs authorizer_appid in its JSON body",
-                                 outcome="bad_request")
-        try:
-            authorizer = await self.platforms[app.name].authorizer(appid)
-        except StoreUnavailable as exc:
-            return sidecar_error(503, f"authorizer {appid[:64]!r}: {exc}")
-        if authorizer is None:
-            return sidecar_error(404, f"unknown authorizer {appid[:64]!r} for platform app {app.name}",
-                                 outcome="bad_request")
-        token = await held(authorizer)
-        if isinstance(token, Reply):
-            return token
-        left = max(1, int(token.remaining(time.monotonic())))
-        answer: dict[str, Any] = {"authorizer_access_token": token.value, "expires_in": left}
-        given = data.get("authorizer_refresh_token")       # echoed: the sidecar keeps the real one
-        if isinstance(given, str):
-            answer["authorizer_refresh_token"] = given
-        return local_reply(json.dumps(answer).encode())
-
-    async def _component_event(self, request: Request, app: App, manager: TokenManager, path: str) -> Reply:
-        """WeChat's push, forwarded by the platform's public callback."""
-        if request.method != "POST":
-            return sidecar_error(405, f"{path} answers POST only", outcome="bad_request")
-        try:
-            body = await request.read()
-        except BodyError as exc:
-            return sidecar_error(exc.status, exc.why, outcome="bad_request")
-        try:
-            info = await self.platforms[app.name].take_push(request.query, body)
-        except PushRefused as exc:
-            log.warning("push refused: %s", exc.why, extra={"event": "push_refused", "app": app.name})
-            return sidecar_error(exc.status, exc.why, outcome="forbidden" if exc.status == 403 else "bad_request")
-        log.info("push taken: %s", info, extra={"event": "push", "app": app.name})
-        return Reply(200, [(b"Content-Type", b"text/plain; charset=utf-8"), (b"Date", http_date())], b"success")
 
     # ------------------------------------------------------------ upstream
 

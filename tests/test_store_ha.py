@@ -18,7 +18,7 @@ import pytest
 
 from proxy import config as config_mod
 
-from .conftest import APPID, APPID2, SECRET2, RedisServer, sidecar_yaml
+from .conftest import APPID, APPID2, sidecar_yaml
 from .ports import free_port
 from .test_redis_store import Replica, all_ready, call, ok
 
