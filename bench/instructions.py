@@ -57,9 +57,10 @@ def main() -> int:
         tmp.chmod(0o755)                      # nginx's workers run as an unprivileged user
         (tmp / "media.bin").write_bytes(b"\0")
         (tmp / "media.bin").chmod(0o644)
-        up, px = bench.free_port(), bench.free_port()
+        up = bench.free_port()
         conf = tmp / "nginx.conf"
-        conf.write_text(bench.NGINX_CONF.format(tmp=tmp, up=up, px=px))
+        # The same stand-in for WeChat as `make bench` (user/info-sized answers).
+        conf.write_text(bench.NGINX_UPSTREAM.format(tmp=tmp, role="upstream", up=up, px=0, user_info=bench.USER_INFO))
         with bench.process(bench.pinned([bench.which("nginx"), "-c", str(conf), "-p", str(tmp),
                                          "-g", "daemon off;"], 1)):
             upstream = f"http://127.0.0.1:{up}"
