@@ -53,7 +53,19 @@ class RefreshThrottled(TokenUnavailable):
         self.retry_after = retry_after
 
 
+def _nothing(*_: object) -> None:
+    """The observers' default: one function shared by every manager."""
+
+
 class TokenManager:
+    # Slots, not a __dict__: a platform keeps up to max_cached_authorizers of
+    # these (10,000 by default), and a per-instance dict was a third of each.
+    __slots__ = ("app", "key", "name", "dependents", "lazy", "make_dependent", "fetcher", "store", "clock", "wall",
+                 "rng", "state", "refreshes", "_inflight", "_inflight_starts_at", "_wake", "_runner", "_started",
+                 "_adopting", "_looked_in_store_at", "_last_force_at", "role", "on_store_down",
+                 "local_fetches_store_down", "on_refresh", "on_fetch", "on_rotated", "on_removed", "_wake_adopt",
+                 "_admin_refreshed")
+
     def __init__(self, app: App, fetcher: Fetcher, store: TokenStore, *,
                  role: str = "fetcher", on_store_down: str = "fetch_locally",
                  clock: Callable[[], float] = time.monotonic,
@@ -82,16 +94,16 @@ class TokenManager:
         self._wake: asyncio.Event | None = None     # the refresher's alarm; a lazy credential has none
         self._runner: asyncio.Task[None] | None = None
         self._started = False
-        self._adopting: set[asyncio.Task[None]] = set()
+        self._adopting: set[asyncio.Task[None]] | None = None    # store reads under way (rare): made when needed
         self._looked_in_store_at = -1.0
         self._last_force_at = -STABLE_FORCE_SPACING_S
         self.role, self.on_store_down = role, on_store_down
         self.local_fetches_store_down = 0
         # Observers (metrics); the token logic does not depend on them.
-        self.on_refresh: Callable[[str], None] = lambda reason: None
-        self.on_fetch: Callable[[str], None] = lambda result: None
-        self.on_rotated: Callable[[], None] = lambda: None
-        self.on_removed: Callable[[], None] = lambda: None     # the credential was deleted (an authorizer)
+        self.on_refresh: Callable[[str], None] = _nothing
+        self.on_fetch: Callable[[str], None] = _nothing
+        self.on_rotated: Callable[[], None] = _nothing
+        self.on_removed: Callable[[], None] = _nothing     # the credential was deleted (an authorizer)
         self._wake_adopt = False
         self._admin_refreshed: tuple[Token, float] | None = None   # the last passive refresh: token, when
 
@@ -455,6 +467,8 @@ class TokenManager:
             # the token (a platform whose verify ticket reached only that
             # one): take it now rather than after the backoff.
             task = asyncio.create_task(self._adopt_from_store())
+            if self._adopting is None:
+                self._adopting = set()
             self._adopting.add(task)
             task.add_done_callback(self._adopting.discard)
 

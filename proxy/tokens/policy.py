@@ -136,6 +136,9 @@ def refresh_due_at(token: Token, refresh_before_s: float) -> float:
 class TokenState:
     """The token of one app and what the sidecar knows about fetching it."""
 
+    __slots__ = ("refresh_before_s", "min_refresh_interval_s", "token", "rejected", "failures", "last_failure",
+                 "retry_at", "served", "fetched_here", "futile", "_last_forced_at", "fetches_ok", "fetches_failed")
+
     def __init__(self, refresh_before_s: float, min_refresh_interval_s: float):
         self.refresh_before_s = refresh_before_s
         self.min_refresh_interval_s = min_refresh_interval_s

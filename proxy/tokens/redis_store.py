@@ -63,6 +63,9 @@ LOCK_RENEW_S = 1.0
 # the fetcher died (its lease then runs out: LOCK_LEASE_S).
 POLL_S = 0.5
 
+# Credentials that came with hash-tagged keys: no untagged copy to look for.
+NO_LEGACY = ("authorizer:", "component:")
+
 # Connections one sidecar keeps to a single Redis server for commands (the
 # event subscription has one more).
 MAX_CONNECTIONS = 4
@@ -296,7 +299,7 @@ class RedisStore(Watchers):
 
     async def load(self, key: str) -> Token | None:
         data = await self._call("load", self.redis.hgetall(self._k("token", key)))
-        if not data and not self.cluster:
+        if not data and not self.cluster and not key.startswith(NO_LEGACY):
             # Written before keys were hash-tagged (an upgrade under way).
             data = await self._call("load", self.redis.hgetall(f"{self.prefix}token:{key}"))
         if not data or data.get("rejected") == "1" or not data.get("value"):
