@@ -20,7 +20,6 @@ import json
 import logging
 import re
 import time
-import xml.etree.ElementTree as ElementTree
 from typing import Any, Callable
 
 import aiohttp
@@ -74,6 +73,7 @@ def parse_xml(data: bytes, what: str) -> dict[str, str]:
     (<!DOCTYPE, <!ENTITY) are refused before parsing: no entity expansion."""
     if b"<!DOCTYPE" in data.upper() or b"<!ENTITY" in data.upper():
         raise PushRefused(400, f"{what}: XML declarations are not accepted")
+    import xml.etree.ElementTree as ElementTree      # only platforms taking pushes parse XML
     try:
         root = ElementTree.fromstring(data)
     except ElementTree.ParseError:

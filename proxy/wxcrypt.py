@@ -19,9 +19,6 @@ import hmac
 import os
 import struct
 
-from cryptography.hazmat.primitives import padding
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 # WeChat pads to 32-byte blocks, not AES's 16 (PKCS#7 with k = 32).
 PAD_BITS = 32 * 8
 
@@ -49,12 +46,19 @@ def signature(token: str, timestamp: str, nonce: str, encrypt: str) -> str:
 
 class MessageCrypto:
     def __init__(self, token: str, encoding_aes_key: str, appid: str):
+        # Imported here: only a platform app with pushes needs OpenSSL's
+        # bindings (a few MiB of RSS every other sidecar does without).
+        from cryptography.hazmat.primitives import padding
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
         self.token = token
         self.key = aes_key(encoding_aes_key)
         self.appid = appid
+        self._padding = padding
+        self._cipher_parts = (Cipher, algorithms.AES, modes.CBC)
 
-    def _cipher(self) -> Cipher:
-        return Cipher(algorithms.AES(self.key), modes.CBC(self.key[:16]))
+    def _cipher(self):  # type: ignore[no-untyped-def]
+        cipher, aes, cbc = self._cipher_parts
+        return cipher(aes(self.key), cbc(self.key[:16]))
 
     def check_signature(self, msg_signature: str, timestamp: str, nonce: str, encrypt: str) -> bool:
         expected = signature(self.token, timestamp, nonce, encrypt)
@@ -70,7 +74,7 @@ class MessageCrypto:
             raise CryptoError("Encrypt is not a whole number of AES blocks")
         decryptor = self._cipher().decryptor()
         padded = decryptor.update(data) + decryptor.finalize()
-        unpadder = padding.PKCS7(PAD_BITS).unpadder()
+        unpadder = self._padding.PKCS7(PAD_BITS).unpadder()
         try:
             plain = unpadder.update(padded) + unpadder.finalize()
         except ValueError:
@@ -86,7 +90,7 @@ class MessageCrypto:
     def encrypt(self, message: bytes, random: bytes | None = None) -> str:
         """WeChat's side of the scheme (the simulator's pushes, the tests)."""
         plain = (random or os.urandom(16)) + struct.pack(">I", len(message)) + message + self.appid.encode()
-        padder = padding.PKCS7(PAD_BITS).padder()
+        padder = self._padding.PKCS7(PAD_BITS).padder()
         padded = padder.update(plain) + padder.finalize()
         encryptor = self._cipher().encryptor()
         return base64.b64encode(encryptor.update(padded) + encryptor.finalize()).decode()

@@ -40,8 +40,6 @@ import uuid
 from typing import Awaitable, Callable
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from ..config import Sentinel as SentinelConfig
@@ -167,10 +165,11 @@ class RedisStore(Watchers):
         self.wait_budget_s = wait_budget_s
         self.clock, self.wall = clock, wall
         self.cluster, self.sentinel_config = cluster, sentinel
-        self.sentinel: Sentinel | None = None
+        self.sentinel = None           # redis-py's Sentinel client, with store.sentinel
         common = {"socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S,
                   "decode_responses": True}
         if sentinel is not None:
+            from redis.asyncio.sentinel import Sentinel
             self.sentinel = Sentinel(
                 list(sentinel.hosts), sentinel_kwargs={**common, "password": sentinel.sentinel_password or None},
                 **common)
@@ -178,6 +177,7 @@ class RedisStore(Watchers):
                 sentinel.service, username=sentinel.username, password=sentinel.password or None, db=sentinel.db,
                 ssl=sentinel.tls, retry_on_timeout=False)
         elif cluster:
+            from redis.asyncio.cluster import RedisCluster
             self.redis = RedisCluster.from_url(url, **common)
         else:
             # A few connections are plenty (each command takes well under a
