@@ -64,7 +64,7 @@ class TokenManager:
                  "rng", "state", "refreshes", "_inflight", "_inflight_starts_at", "_wake", "_runner", "_started",
                  "_adopting", "_looked_in_store_at", "_last_force_at", "role", "on_store_down",
                  "local_fetches_store_down", "on_refresh", "on_fetch", "on_rotated", "on_removed", "_wake_adopt",
-                 "_admin_refreshed")
+                 "_admin_refreshed", "_due_for", "_due_at")
 
     def __init__(self, app: App, fetcher: Fetcher, store: TokenStore, *,
                  role: str = "fetcher", on_store_down: str = "fetch_locally",
@@ -106,6 +106,8 @@ class TokenManager:
         self.on_removed: Callable[[], None] = _nothing     # the credential was deleted (an authorizer)
         self._wake_adopt = False
         self._admin_refreshed: tuple[Token, float] | None = None   # the last passive refresh: token, when
+        self._due_for: Token | None = None      # ask(): the token _due_at was worked out for
+        self._due_at = float("inf")
 
     # ------------------------------------------------------------ lifecycle
 
@@ -145,8 +147,14 @@ class TokenManager:
         served meanwhile), never refreshed for nobody."""
         if not self._started:
             self.start()
-        elif self._inflight is None and self.clock() >= self.state.next_fetch_at() and self.state.token is not None:
-            self._start_refresh("retry" if self.state.failures else "proactive")
+        elif self._inflight is None:
+            token = self.state.token
+            if token is not self._due_for:      # when the held token is due: worked out once per token
+                self._due_for = token
+                self._due_at = self.state.next_fetch_at() if token is not None else float("inf")
+            if self.clock() >= self._due_at:
+                self._due_for = None            # a failed refresh moves it: work it out again
+                self._start_refresh("retry" if self.state.failures else "proactive")
         return self
 
     def retry_soon(self) -> None:
