@@ -554,3 +554,11 @@ async def wait_for(condition: Callable[[], bool], timeout: float) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("raw", ["a%20b+c", "%E4%BD%A0%E5%A5%BD", "100%", "%zz%2", "plain", "%FF%FE", "ümlaut%C3%BC", ""])
+def test_query_values_decode_as_unquote_plus_does(raw):
+    from urllib.parse import unquote_plus
+
+    from proxy.httpserver import query_values
+    assert query_values(f"x=1&url={raw}&y=2", "url") == [unquote_plus(raw)]
