@@ -21,7 +21,6 @@ import asyncio
 import json
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,25 +33,13 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from tests.ports import free_port  # noqa: E402
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+from run import free_port, mem_kib, stop  # noqa: E402  (make bench's helpers)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+
+
 
 
 def appid(n: int) -> str:
@@ -215,7 +202,7 @@ async def run(args: argparse.Namespace) -> dict:
                     "redis_commands_per_sidecar_per_min_load": round(load_commands / args.sidecars / minutes, 1),
                     "calls_per_s": round(calls / (minutes * 60), 1),
                 })
-                rss = [rss_kib(proc.pid) for _, _, proc in sidecars]
+                rss = [mem_kib(proc.pid, "VmRSS") for _, _, proc in sidecars]
                 results["rss_per_sidecar_mib"] = {"median": round(statistics.median(rss) / 1024, 1),
                                                   "max": round(max(rss) / 1024, 1)}
         finally:

@@ -154,13 +154,18 @@ def process(args: list[str], stop_wait: float = 10, **kw) -> Iterator[subprocess
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(stop_wait)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, stop_wait)
+
+
+def stop(proc: subprocess.Popen[bytes], stop_wait: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `stop_wait` s: only a process we started, by its handle."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(stop_wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def wait_http(url: str, timeout: float = 15) -> float:

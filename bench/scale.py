@@ -20,8 +20,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,32 +32,17 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from run import free_port, mem_kib, stop  # noqa: E402  (make bench's helpers)
 from proxy.simulator import (DEMO_APPID, DEMO_COMPONENT_AES_KEY, DEMO_COMPONENT_APPID,  # noqa: E402
                              DEMO_COMPONENT_SECRET, DEMO_COMPONENT_TOKEN, DEMO_SECRET)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def config(tmp: Path, port: int, admin: int, sim: str, redis_port: int, prefix: str = "scale:") -> Path:
@@ -196,7 +179,7 @@ async def run(args: argparse.Namespace) -> dict:
                 for _ in range(200):          # warm: the app path and the client
                     await timed(http, sidecar.base + "/mp/cgi-bin/user/info")
                 before = await sim_stats(http, sim)
-                rss_before = rss_kib(sidecar.proc.pid)
+                rss_before = mem_kib(sidecar.proc.pid, "VmRSS")
                 semaphore = asyncio.Semaphore(args.concurrency)
                 failures = 0
 
@@ -212,7 +195,7 @@ async def run(args: argparse.Namespace) -> dict:
                 await asyncio.gather(*(first_call(n) for n in range(args.used)))
                 results["first_calls_s"] = round(time.monotonic() - began, 2)
                 after = await sim_stats(http, sim)
-                rss_after = rss_kib(sidecar.proc.pid)
+                rss_after = mem_kib(sidecar.proc.pid, "VmRSS")
                 results["failed_calls"] = failures
                 results["authorizer_fetches"] = after["authorizer_fetches"] - before["authorizer_fetches"]
                 results["authorizers_fetched"] = after["authorizers_fetched"] - before["authorizers_fetched"]

@@ -147,8 +147,9 @@ class AuthorizerFetcher(HttpFetcher):
                          "authorizer_refresh_token": self._refresh_token}}
 
     def parse(self, status: int, body: bytes) -> Fetched:
-        fetched = super().parse(status, body)
-        refresh = json.loads(body).get("authorizer_refresh_token")
+        data = self.answer(status, body)
+        fetched = self.credential(data)
+        refresh = data.get("authorizer_refresh_token")
         self._answered_refresh = refresh if isinstance(refresh, str) and refresh.isprintable() and refresh else None
         return fetched
 
@@ -253,6 +254,13 @@ class Platform:
         self._closing: set[asyncio.Task[None]] = set()
         self.pushes: dict[str, int] = {}          # InfoType (or "refused") -> pushes taken
 
+    @property
+    def waiting_for_ticket(self) -> bool:
+        """No usable verify ticket is stored: a push is awaited (the pod must
+        be ready to receive it)."""
+        fetcher = self.component.fetcher
+        return isinstance(fetcher, ComponentFetcher) and fetcher.waiting_for_ticket
+
     # ------------------------------------------------------------ authorizers
 
     async def authorizer(self, appid: str) -> TokenManager | None:
@@ -314,23 +322,25 @@ class Platform:
         if not encrypt:
             raise PushRefused(400, "push body has no Encrypt element")
         if not self.crypto.check_signature(params["msg_signature"], params["timestamp"], params["nonce"], encrypt):
-            self.pushes["refused"] = self.pushes.get("refused", 0) + 1
+            self._count("refused")
             raise PushRefused(403, "push signature does not match (msg_signature)")
         try:
             message, appid = self.crypto.decrypt(encrypt)
         except CryptoError as exc:
             raise PushRefused(400, f"push does not decrypt: {exc}") from None
         if appid != self.app.appid:
-            self.pushes["refused"] = self.pushes.get("refused", 0) + 1
+            self._count("refused")
             raise PushRefused(403, "push was encrypted for another appid")
         fields = parse_xml(message, "decrypted push")
         if fields.get("AppId", appid) != self.app.appid:
             raise PushRefused(403, "push names another platform in AppId")
         info = fields.get("InfoType", "")
         await self._act(info, fields)
-        self.pushes[info if info in PUSH_INFO_TYPES else "other"] = \
-            self.pushes.get(info if info in PUSH_INFO_TYPES else "other", 0) + 1
+        self._count(info if info in PUSH_INFO_TYPES else "other")
         return info
+
+    def _count(self, push: str) -> None:
+        self.pushes[push] = self.pushes.get(push, 0) + 1
 
     async def _act(self, info: str, fields: dict[str, str]) -> None:
         try:

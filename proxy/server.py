@@ -241,7 +241,7 @@ class Sidecar:
         """A platform app that has never had a verify ticket: it is ready to
         take the push that brings one (its pod must be ready to get it)."""
         platform = self.platforms.get(name)
-        return platform is not None and platform.component.fetcher.waiting_for_ticket  # type: ignore[attr-defined]
+        return platform is not None and platform.waiting_for_ticket
 
     async def wait_ready(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()

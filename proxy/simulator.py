@@ -266,6 +266,14 @@ class WeChatSimulator:
             return self._error(code, msg)
         return None
 
+    def _bad_credentials(self, known: dict[str, str], appid: str, secret: str) -> web.Response | None:
+        """WeChat's answer to an unknown appid or a wrong secret, if it is one."""
+        if appid not in known:
+            return self._error(40013, "invalid appid")
+        if not secrets.compare_digest(secret, known[appid]):
+            return self._error(40125, "invalid appsecret")
+        return None
+
     def _quota(self, key: str, limit: int) -> bool:
         """Count one call against a daily quota; False when it is used up."""
         used = self.daily.get(key, 0)
@@ -289,10 +297,9 @@ class WeChatSimulator:
             return self._error(41002, "appid missing")
         if not q.get("secret"):
             return self._error(41004, "appsecret missing")
-        if appid not in self.accounts:
-            return self._error(40013, "invalid appid")
-        if not secrets.compare_digest(q["secret"], self.accounts[appid]):
-            return self._error(40125, "invalid appsecret")
+        refused = self._bad_credentials(self.accounts, appid, q["secret"])
+        if refused is not None:
+            return refused
         if not self._quota(key, self.settings.token_daily_limit):
             return self._error(45009, "reach max api daily quota limit, could get access_token by getStableAccessToken")
         self._count_fetch(key)
@@ -309,10 +316,9 @@ class WeChatSimulator:
             return fault
         if body.get("grant_type") != "client_credential":
             return self._error(40002, "invalid grant_type")
-        if appid not in self.accounts:
-            return self._error(40013, "invalid appid")
-        if not secrets.compare_digest(str(body.get("secret", "")), self.accounts[appid]):
-            return self._error(40125, "invalid appsecret")
+        refused = self._bad_credentials(self.accounts, appid, str(body.get("secret", "")))
+        if refused is not None:
+            return refused
         if not self._quota(key, self.settings.stable_daily_limit):
             return self._error(45009, "reach max api daily quota limit")
         now = self.clock()
@@ -647,10 +653,10 @@ class WeChatSimulator:
         fault = await self._token_fault(key)
         if fault is not None:
             return fault
-        if appid not in self.platforms:
-            return self._error(40013, "invalid appid")
-        if not secrets.compare_digest(str(body.get("component_appsecret", "")), self.platforms[appid][0]):
-            return self._error(40125, "invalid appsecret")
+        refused = self._bad_credentials({a: p[0] for a, p in self.platforms.items()}, appid,
+                                        str(body.get("component_appsecret", "")))
+        if refused is not None:
+            return refused
         ticket = self.verify_tickets.get(appid)
         if ticket is None or body.get("component_verify_ticket") != ticket.value:
             return self._error(61006, "component ticket is invalid")

@@ -47,6 +47,16 @@ async def sim() -> AsyncIterator[WeChatSimulator]:
     await runner.cleanup()
 
 
+def head_yaml(upstream: str, *, top: str = "", listen_port: int = 0, admin_port: int = 0) -> str:
+    """A test config's listeners, upstream and any other top-level lines (`top`)."""
+    return textwrap.dedent(f"""\
+        listen: {{host: 127.0.0.1, port: {listen_port}}}
+        admin:  {{host: 127.0.0.1, port: {admin_port}}}
+        upstream: {{base_url: "{upstream}", timeout_s: 5}}
+        {top}
+        """)
+
+
 def sidecar_yaml(upstream: str, *, app: str = "", top: str = "", listen_port: int = 0,
                  admin_port: int = 0, secret: str = SECRET, token_api: str = "stable",
                  refresh_before_s: float = 240, min_refresh_interval_s: float | None = 0,
@@ -54,11 +64,7 @@ def sidecar_yaml(upstream: str, *, app: str = "", top: str = "", listen_port: in
     """A config for tests: one app `mp` against the simulator, plus extras
     (min_refresh_interval_s None: the config's default)."""
     spacing = "" if min_refresh_interval_s is None else f"min_refresh_interval_s: {min_refresh_interval_s}"
-    return textwrap.dedent(f"""\
-        listen: {{host: 127.0.0.1, port: {listen_port}}}
-        admin:  {{host: 127.0.0.1, port: {admin_port}}}
-        upstream: {{base_url: "{upstream}", timeout_s: 5}}
-        {top}
+    return head_yaml(upstream, top=top, listen_port=listen_port, admin_port=admin_port) + textwrap.dedent(f"""\
         apps:
           - name: mp
             appid: {APPID}

@@ -15,7 +15,7 @@ from proxy.simulator import (DEMO_COMPONENT_AES_KEY, DEMO_COMPONENT_APPID, DEMO_
                              DEMO_COMPONENT_TOKEN, WeChatSimulator)
 from proxy.wxcrypt import MessageCrypto
 
-from .conftest import APPID, SECRET, wait_until
+from .conftest import APPID, SECRET, head_yaml, wait_until
 from .ports import free_port
 
 PLATFORM = DEMO_COMPONENT_APPID
@@ -26,11 +26,7 @@ EVENT = "/sidecar/component/event"
 def platform_yaml(upstream: str, *, top: str = "", listen_port: int = 0, admin_port: int = 0,
                   extra: str = "", secret: str = DEMO_COMPONENT_SECRET) -> str:
     """A platform app `plat` (the default route) and an ordinary app `mp`."""
-    return textwrap.dedent(f"""\
-        listen: {{host: 127.0.0.1, port: {listen_port}}}
-        admin:  {{host: 127.0.0.1, port: {admin_port}}}
-        upstream: {{base_url: "{upstream}", timeout_s: 5}}
-        {top}
+    return head_yaml(upstream, top=top, listen_port=listen_port, admin_port=admin_port) + textwrap.dedent(f"""\
         apps:
           - name: plat
             appid: {PLATFORM}

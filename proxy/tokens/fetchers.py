@@ -74,6 +74,10 @@ class HttpFetcher:
         return self.parse(status, body)
 
     def parse(self, status: int, body: bytes) -> Fetched:
+        return self.credential(self.answer(status, body))
+
+    def answer(self, status: int, body: bytes) -> dict[str, Any]:
+        """The answer as a JSON object, or the FetchError it amounts to."""
         if status >= 400:
             raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: HTTP {status}")
         if len(body) > MAX_ANSWER_BYTES:
@@ -90,6 +94,10 @@ class HttpFetcher:
             errmsg = str(data.get("errmsg", ""))[:300]
             code = errcode if isinstance(errcode, int) else None
             raise FetchError(classify(code), code, f"{self.api}: {errmsg}")
+        return data
+
+    def credential(self, data: dict[str, Any]) -> Fetched:
+        """The credential an answer carries, and its lifetime."""
         value = data.get(self.value_field)
         if not isinstance(value, str) or not value or len(value) > 4096 or not value.isprintable():
             raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: answer has no usable {self.value_field}")
