@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(PY) -m proxy demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 check: $(STAMP)

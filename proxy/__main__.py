@@ -10,7 +10,7 @@ import sys
 from dataclasses import replace
 
 from . import config as config_mod
-from . import logs
+from .ops import logs
 
 log = logging.getLogger("proxy")
 
@@ -69,9 +69,17 @@ async def _demo(port: int, admin_port: int, sim_port: int, platform: bool = Fals
     from aiohttp import web
 
     from .server import start_sidecar
-    from .simulator import (DEMO_APPID, DEMO_AUTHORIZER_APPID, DEMO_COMPONENT_AES_KEY, DEMO_COMPONENT_APPID,
-                            DEMO_COMPONENT_SECRET, DEMO_COMPONENT_TOKEN, DEMO_SECRET, SimSettings,
-                            WeChatSimulator)
+    from .simulator import (
+        DEMO_APPID,
+        DEMO_AUTHORIZER_APPID,
+        DEMO_COMPONENT_AES_KEY,
+        DEMO_COMPONENT_APPID,
+        DEMO_COMPONENT_SECRET,
+        DEMO_COMPONENT_TOKEN,
+        DEMO_SECRET,
+        SimSettings,
+        WeChatSimulator,
+    )
 
     # Short-lived tokens so the refresh-ahead is visible within minutes.
     sim = WeChatSimulator(settings=SimSettings(ttl_s=600))

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .wxcrypt import aes_key
+from .wechat.crypto import aes_key
 
 # Upload bodies are buffered so a replay sends the same bytes. The largest
 # documented upload is WeCom's 20 MB `file`; 32 MiB covers it plus multipart

@@ -14,18 +14,24 @@ from typing import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from .admin import AdminRoutes, admin_error
 from .config import App, Config, ConfigError
-from .credentials import KINDS
-from .credentials import store_key as credential_key
-from .forward import NOTED_HEADERS, Forwarder
-from .httpserver import HttpServer, Reply, Request
-from .logs import AccessLog
-from .metrics import Metrics
-from .platform import AuthorizerFetcher, ComponentFetcher, Platform, authorizer_key
-from .upstream import UpstreamPool
-from .tokens import MemoryStore, TokenManager, TokenStore, make_fetcher
-from .tokens.fetchers import TicketFetcher
+from .credentials import MemoryStore, TokenManager, TokenStore, make_fetcher
+from .credentials.fetchers import TicketFetcher
+from .credentials.kinds import KINDS
+from .credentials.kinds import store_key as credential_key
+from .credentials.platform import (
+    AuthorizerFetcher,
+    ComponentFetcher,
+    Platform,
+    authorizer_key,
+)
+from .http.client import UpstreamPool
+from .http.server import HttpServer, Reply, Request
+from .inbound.component_push import COMPONENT_EVENT_PATH, ComponentPushes
+from .ops.admin import AdminRoutes, admin_error
+from .ops.logs import AccessLog
+from .ops.metrics import Metrics
+from .outbound.forward import NOTED_HEADERS, Forwarder
 
 log = logging.getLogger("proxy.server")
 
@@ -36,7 +42,7 @@ PARSER_MAX_HEADERS = 256
 
 def make_store(cfg: Config) -> TokenStore:
     if cfg.store.kind == "redis":
-        from .tokens.redis_store import RedisStore
+        from .credentials.redis_store import RedisStore
         # Wait for another sidecar's fetch at most as long as a fetch may take.
         return RedisStore(cfg.store.url, cfg.store.key_prefix, cfg.store.daily_fetch_cap,
                           wait_budget_s=cfg.upstream.timeout_s + 5, cluster=cfg.store.cluster,
@@ -78,9 +84,16 @@ class Sidecar:
         self.platforms = {app.name: self._platform(app, self.managers[app.name])
                           for app in cfg.apps if app.token_api == "component"}
         self.metrics.watch(self.managers, self.store, self.platforms)
-        self.forwarder = Forwarder(cfg, self.managers, self.pools, self.metrics, self.access, self.platforms)
+        self.forwarder = self._forwarder(cfg, self.managers, self.platforms)
         for manager in self.managers.values():
             manager.start()
+
+    def _forwarder(self, cfg: Config, managers: dict[str, TokenManager], platforms: dict[str, Platform]) -> Forwarder:
+        """The proxy port's calls; a platform's push intake (inbound) is
+        reached there at /sidecar/component/event."""
+        pushes = ComponentPushes(platforms)
+        return Forwarder(cfg, managers, self.pools, self.metrics, self.access, platforms,
+                         push_answers={COMPONENT_EVENT_PATH: pushes.handle})
 
     def _manager(self, app: App) -> TokenManager:
         assert self.session is not None and self.store is not None
@@ -187,7 +200,7 @@ class Sidecar:
         self.platforms = platforms
         self.metrics.watch(managers, self.store, platforms)  # type: ignore[arg-type]
         assert self.session is not None
-        self.forwarder = Forwarder(effective, managers, self.pools, self.metrics, self.access, platforms)
+        self.forwarder = self._forwarder(effective, managers, platforms)
         for manager in started:
             manager.start()
         for manager in [*retired, *retired_platforms]:

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from proxy.config import App
 from proxy.simulator import WeChatSimulator
-from proxy.tokens import FailureKind, FetchError, make_fetcher
+from proxy.credentials import FailureKind, FetchError, make_fetcher
 
 from .conftest import APPID, SECRET, free_port, sidecar_yaml
 

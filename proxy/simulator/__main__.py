@@ -1,0 +1,4 @@
+"""`python -m proxy.simulator --port N`: the simulator alone (benchmarks)."""
+from . import main
+
+main()
