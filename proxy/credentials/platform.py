@@ -285,10 +285,26 @@ class Platform:
         for task in list(self._closing):
             await task
 
-    async def store_verify_ticket(self, ticket: str) -> None:
-        await self.store.set_value(verify_ticket_key(self.app), ticket)
+    async def store_verify_ticket(self, ticket: str, created: int | None = None) -> bool:
+        """Store a verify ticket: one pushed at `created` (its CreateTime)
+        only if no newer one is stored (a replayed older push must not roll
+        the ticket back: WeChat takes only the latest, 61005/61006); one an
+        operator gives (`created` None) always. False when it was older."""
+        key = verify_ticket_key(self.app)
+        if created is None:
+            await self.store.set_value(key, ticket)
+        elif not await self.store.set_value_if_newer(key, ticket, created):
+            return False
         if self.component.current() is None:
             self.component.retry_soon()      # the fetch was waiting for this
+        return True
+
+    async def authorization_moves_forward(self, authorizer_appid: str, event: str, created: int) -> bool:
+        """Record an authorization event (authorized / updateauthorized /
+        unauthorized) at `created`; False when a newer one is recorded, so a
+        replayed `unauthorized` never removes an account that authorized again."""
+        return await self.store.set_value_if_newer(f"authorization:{self.app.appid}:{authorizer_appid}", event,
+                                                   created)
 
     # ------------------------------------------------------------ api_query_auth
 

@@ -6,6 +6,8 @@ key of one credential lives in one slot and each script touches one slot):
   lock:{<key>}            owner id; a short lease renewed while its owner fetches
   fetches:{<key>}:<day>   token fetches made by the cluster that day (China time)
   value:{<key>}           a small named value (a platform's component_verify_ticket)
+  value_at:{<key>}        its stamp (the push's CreateTime), when it only moves forward
+  seen:{<key>}            a push already taken (replay memory), expiring with the push's window
   registry:{<name>}       hash appid -> refresh token: a platform's authorizers
   events                  pub/sub channel: "new <key> <fp>" / "rejected <key> <fp>" / "removed <key> -"
 
@@ -148,6 +150,22 @@ return 0
 _DROP = """
 redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+"""
+
+# Store a value unless the stored one is newer (by its stamp). KEYS: value, stamp.
+_SET_IF_NEWER = """
+local stored = redis.call('GET', KEYS[2])
+if stored and tonumber(stored) > tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
+"""
+
+# Store a value unconditionally (an operator's), its stamp cleared.
+_SET_VALUE = """
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
 return 1
 """
 
@@ -348,7 +366,19 @@ class RedisStore(Watchers):
         return await self._call("get", self.redis.get(self._k("value", key)))
 
     async def set_value(self, key: str, value: str) -> None:
-        await self._call("set", self.redis.set(self._k("value", key), value))
+        await self._call("set", self.redis.eval(_SET_VALUE, 2, self._k("value", key), self._k("value_at", key),
+                                                value))
+
+    async def set_value_if_newer(self, key: str, value: str, stamp: int) -> bool:
+        return bool(await self._call("set", self.redis.eval(
+            _SET_IF_NEWER, 2, self._k("value", key), self._k("value_at", key), value, str(int(stamp)))))
+
+    async def claim_once(self, key: str, ttl_s: float) -> bool:
+        return bool(await self._call("claim", self.redis.set(self._k("seen", key), "1", nx=True,
+                                                             px=max(1, int(ttl_s * 1000)))))
+
+    async def release_claim(self, key: str) -> None:
+        await self._call("claim", self.redis.delete(self._k("seen", key)))
 
     async def registry_get(self, registry: str, appid: str) -> str | None:
         return await self._call("registry", self.redis.hget(self._k("registry", registry), appid))

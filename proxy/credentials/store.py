@@ -38,6 +38,11 @@ def fingerprint(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:16]
 
 
+# The memory store's replay memory is swept of ended claims past this many
+# (claims are made only for pushes whose signature held: WeChat's rate).
+CLAIMS_PRUNE_AT = 1024
+
+
 def quota_day(wall_now: float) -> str:
     """The day WeChat's daily quotas count in (China time, see policy.py)."""
     return time.strftime("%Y%m%d", time.gmtime(wall_now + QUOTA_RESET_UTC_OFFSET_S))
@@ -62,6 +67,18 @@ class TokenStore(Protocol):
     async def get_value(self, key: str) -> str | None: ...
 
     async def set_value(self, key: str, value: str) -> None: ...
+
+    # A value that only moves forward: stored with its stamp (a push's
+    # CreateTime) unless the stored one is newer; False when it was older.
+    # set_value stores unconditionally and clears the stamp.
+    async def set_value_if_newer(self, key: str, value: str, stamp: int) -> bool: ...
+
+    # Replay memory: True the first time a key is claimed within ttl_s, on
+    # every replica sharing the store; release_claim forgets it (the push it
+    # stood for was not taken after all, and WeChat will send it again).
+    async def claim_once(self, key: str, ttl_s: float) -> bool: ...
+
+    async def release_claim(self, key: str) -> None: ...
 
     # A platform's authorizers: appid -> refresh token, one registry per platform.
     async def registry_get(self, registry: str, appid: str) -> str | None: ...
@@ -113,6 +130,8 @@ class MemoryStore(Watchers):
         self._rejected: dict[str, str] = {}
         self._counts: dict[tuple[str, str], int] = {}
         self._values: dict[str, str] = {}
+        self._stamps: dict[str, int] = {}
+        self._claims: dict[str, float] = {}          # key -> when the claim ends (monotonic)
         self._registries: dict[str, dict[str, str]] = {}
         # One process: the managers see every token change themselves; only
         # a removed authorizer is news to them.
@@ -133,6 +152,25 @@ class MemoryStore(Watchers):
 
     async def set_value(self, key: str, value: str) -> None:
         self._values[key] = value
+        self._stamps.pop(key, None)
+
+    async def set_value_if_newer(self, key: str, value: str, stamp: int) -> bool:
+        if self._stamps.get(key, stamp) > stamp:
+            return False
+        self._values[key], self._stamps[key] = value, stamp
+        return True
+
+    async def claim_once(self, key: str, ttl_s: float) -> bool:
+        now = time.monotonic()
+        if len(self._claims) > CLAIMS_PRUNE_AT:
+            self._claims = {k: end for k, end in self._claims.items() if end > now}
+        if self._claims.get(key, 0.0) > now:
+            return False
+        self._claims[key] = now + ttl_s
+        return True
+
+    async def release_claim(self, key: str) -> None:
+        self._claims.pop(key, None)
 
     async def registry_get(self, registry: str, appid: str) -> str | None:
         return self._registries.get(registry, {}).get(appid)

@@ -3,10 +3,20 @@ verify tickets and authorization events, forwarded unchanged by the
 platform's public callback to `POST /sidecar/component/event`. Each push is
 checked (msg_signature), decrypted (WeChat's AES scheme), its appid checked,
 and only then acted on through the platform's credentials.
+
+A push is taken once: its timestamp must be within PUSH_WINDOW_S of now, a
+copy of one already taken is refused on every replica (the memory lives in
+the store), and state only moves forward: a verify ticket older than the
+stored one, or an `unauthorized` older than the account's last
+authorization, is answered `success` and ignored.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import time
+from typing import Callable
 
 from ..config import App
 from ..credentials import TokenManager
@@ -20,6 +30,12 @@ log = logging.getLogger("proxy.forward")
 
 # A push is a few hundred bytes of XML; anything longer is not one.
 MAX_PUSH_BYTES = 64 * 1024
+
+# A push is taken only while its timestamp is this close to now (DESIGN.md:
+# 300 s, the window WeChat Pay and most WeChat SDKs use for callbacks), and
+# remembered as taken for twice that: a replay cannot outlive the memory.
+PUSH_WINDOW_S = 300
+REPLAY_MEMORY_S = 2 * PUSH_WINDOW_S
 
 COMPONENT_EVENT_PATH = "/sidecar/component/event"
 
@@ -35,23 +51,37 @@ class PushRefused(Exception):
 
 
 def parse_xml(data: bytes, what: str) -> dict[str, str]:
-    """The child elements of a flat WeChat XML document, by tag. Declarations
-    (<!DOCTYPE, <!ENTITY) are refused before parsing: no entity expansion."""
-    if b"<!DOCTYPE" in data.upper() or b"<!ENTITY" in data.upper():
-        raise PushRefused(400, f"{what}: XML declarations are not accepted")
-    import xml.etree.ElementTree as ElementTree  # only platforms taking pushes parse XML
+    """The child elements of a flat WeChat XML document, by tag. A document
+    type declaration (and so any entity) is refused by the parser itself
+    (defusedxml), whatever the document's encoding: no entity is expanded."""
+    from xml.etree.ElementTree import ParseError
+
+    import defusedxml.ElementTree as SafeElementTree  # only platforms taking pushes parse XML
+    from defusedxml import DefusedXmlException
     try:
-        root = ElementTree.fromstring(data)
-    except ElementTree.ParseError:
+        root = SafeElementTree.fromstring(data, forbid_dtd=True)
+    except DefusedXmlException:
+        raise PushRefused(400, f"{what}: XML declarations (DOCTYPE, ENTITY) are not accepted") from None
+    except (ParseError, ValueError, RecursionError):
         raise PushRefused(400, f"{what} is not XML") from None
     return {child.tag: (child.text or "").strip() for child in root}
+
+
+def replay_key(msg_signature: str, encrypt: str) -> str:
+    """What the memory of taken pushes is keyed on: the signature with the
+    ciphertext it covers. (WeChat's signature hashes the sorted values joined
+    with no separator, so digits moved between timestamp and nonce keep it:
+    (nonce, timestamp) alone would let such a copy through.)"""
+    digest = hashlib.sha256(f"{msg_signature}\n{encrypt}".encode()).hexdigest()
+    return f"push:{digest}"
 
 
 class ComponentPushes:
     """The push intake of every platform app, by app name."""
 
-    def __init__(self, platforms: dict[str, Platform]):
+    def __init__(self, platforms: dict[str, Platform], wall: Callable[[], float] = time.time):
         self.platforms = platforms
+        self.wall = wall
         self.crypto = {name: MessageCrypto(p.app.msg_token, p.app.encoding_aes_key, p.app.appid)
                        for name, p in platforms.items() if p.app.msg_token and p.app.encoding_aes_key}
 
@@ -72,9 +102,10 @@ class ComponentPushes:
         return Reply(200, [(b"Content-Type", b"text/plain; charset=utf-8"), (b"Date", http_date())], b"success")
 
     async def take(self, platform: Platform, raw_query: str, body: bytes) -> str:
-        """A push from WeChat, forwarded unchanged: check, decrypt, act.
-        Returns the InfoType; raises PushRefused and changes nothing when the
-        push is not WeChat's for this platform."""
+        """A push from WeChat, forwarded unchanged: check, decrypt, act, once.
+        Returns the InfoType (with " (stale)" when older than what is stored);
+        raises PushRefused and changes nothing when the push is not WeChat's
+        for this platform, or was taken already."""
         app = platform.app
         crypto = self.crypto.get(app.name)
         if crypto is None:
@@ -85,10 +116,17 @@ class ComponentPushes:
                   for name in ("msg_signature", "timestamp", "nonce")}
         if not all(params.values()):
             raise PushRefused(400, "push without msg_signature, timestamp and nonce in the query")
+        timestamp = params["timestamp"]
+        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+            raise PushRefused(400, "push timestamp is not Unix seconds")
+        if abs(self.wall() - int(timestamp)) > PUSH_WINDOW_S:
+            _count(platform, "refused")
+            raise PushRefused(403, f"push timestamp is more than {PUSH_WINDOW_S} s from now (a replay, "
+                                   "or this host's clock is off)")
         encrypt = parse_xml(body, "push body").get("Encrypt")
         if not encrypt:
             raise PushRefused(400, "push body has no Encrypt element")
-        if not crypto.check_signature(params["msg_signature"], params["timestamp"], params["nonce"], encrypt):
+        if not crypto.check_signature(params["msg_signature"], timestamp, params["nonce"], encrypt):
             _count(platform, "refused")
             raise PushRefused(403, "push signature does not match (msg_signature)")
         try:
@@ -101,36 +139,59 @@ class ComponentPushes:
         fields = parse_xml(message, "decrypted push")
         if fields.get("AppId", appid) != app.appid:
             raise PushRefused(403, "push names another platform in AppId")
+        created = fields.get("CreateTime", "")
+        created_at = int(created) if created.isascii() and created.isdigit() and len(created) <= 12 else int(timestamp)
+        seen = replay_key(params["msg_signature"], encrypt)
+        try:
+            first = await platform.store.claim_once(seen, REPLAY_MEMORY_S)
+        except StoreUnavailable as exc:
+            raise PushRefused(503, f"store unavailable: {exc}") from None
+        if not first:
+            _count(platform, "replayed")
+            raise PushRefused(403, "push already taken (a replay of the same signed push)")
         info = fields.get("InfoType", "")
-        await _act(platform, info, fields)
-        _count(platform, info if info in PUSH_INFO_TYPES else "other")
-        return info
+        try:
+            taken = await _act(platform, info, fields, created_at)
+        except PushRefused as exc:
+            if exc.status >= 500:           # not taken after all: WeChat's retry must get through
+                with contextlib.suppress(StoreUnavailable):
+                    await platform.store.release_claim(seen)
+            raise
+        _count(platform, (info if info in PUSH_INFO_TYPES else "other") if taken else "stale")
+        return info if taken else f"{info} (stale: older than the state stored, ignored)"
 
 
 def _count(platform: Platform, push: str) -> None:
     platform.pushes[push] = platform.pushes.get(push, 0) + 1
 
 
-async def _act(platform: Platform, info: str, fields: dict[str, str]) -> None:
+async def _act(platform: Platform, info: str, fields: dict[str, str], created: int) -> bool:
+    """Act on a push; False when it is older than the state stored (ignored)."""
     try:
         if info == "component_verify_ticket":
             ticket = fields.get("ComponentVerifyTicket", "")
             if not ticket or not ticket.isprintable():
                 raise PushRefused(400, "component_verify_ticket push without a ticket")
-            await platform.store_verify_ticket(ticket)
-        elif info in ("authorized", "updateauthorized"):
+            return await platform.store_verify_ticket(ticket, created)
+        if info in ("authorized", "updateauthorized"):
             code = fields.get("AuthorizationCode", "")
             if not code:
                 raise PushRefused(400, f"{info} push without AuthorizationCode")
+            appid = fields.get("AuthorizerAppid", "")
+            if appid and not await platform.authorization_moves_forward(appid, info, created):
+                return False
             await platform.query_auth(code)
         elif info == "unauthorized":
             appid = fields.get("AuthorizerAppid", "")
             if not appid:
                 raise PushRefused(400, "unauthorized push without AuthorizerAppid")
+            if not await platform.authorization_moves_forward(appid, info, created):
+                return False
             await platform.remove(appid)
             logging.getLogger("proxy.platform").info(
                 "authorizer %s revoked the authorization", appid,
                 extra={"event": "authorizer_removed", "app": platform.app.name})
+        return True
     except AuthorizationFailed as exc:
         raise PushRefused(exc.status, exc.why) from None
     except StoreUnavailable as exc:

@@ -22,14 +22,17 @@ class PlatformApis(SimCore):
         _, token, aes = self.platforms[component_appid]
         return MessageCrypto(token, aes, component_appid)
 
-    def push_request(self, component_appid: str, fields: dict[str, str]) -> tuple[str, bytes]:
-        """A push as WeChat sends it: (query string, body)."""
+    def push_request(self, component_appid: str, fields: dict[str, str],
+                     at: float | None = None) -> tuple[str, bytes]:
+        """A push as WeChat sends it: (query string, body); `at` (Unix
+        seconds, default now) is its timestamp and CreateTime."""
         from ..wechat.crypto import signature
+        sent = int(time.time() if at is None else at)
         inner = "".join(f"<{k}><![CDATA[{v}]]></{k}>" for k, v in
-                        {"AppId": component_appid, "CreateTime": str(int(time.time())), **fields}.items())
+                        {"AppId": component_appid, "CreateTime": str(sent), **fields}.items())
         crypto = self.crypto(component_appid)
         encrypt = crypto.encrypt(f"<xml>{inner}</xml>".encode())
-        timestamp, nonce = str(int(time.time())), str(secrets.randbelow(10**10))
+        timestamp, nonce = str(sent), str(secrets.randbelow(10**10))
         query = (f"signature={secrets.token_hex(20)}&timestamp={timestamp}&nonce={nonce}&encrypt_type=aes"
                  f"&msg_signature={signature(crypto.token, timestamp, nonce, encrypt)}")
         body = f"<xml><AppId><![CDATA[{component_appid}]]></AppId><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>"
