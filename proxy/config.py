@@ -109,6 +109,10 @@ class Admin:
     host: str
     port: int
     token: str = field(default="", repr=False)
+    # Host names the admin port answers besides loopback names, IP literals
+    # and `host` (an Ingress or Service name in front of it); anything else
+    # is a 403 (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -462,6 +466,7 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
         host=admin_s.get("host", _str(file), "0.0.0.0"),
         port=admin_s.get("port", _number(file, int, 0, 65535), 9090),
         token=admin_s.get("token", _str(file, allow_empty=True), ""),
+        allowed_hosts=admin_s.get("allowed_hosts", _host_list(file), ()),
     )
     admin_s.done()
 

@@ -29,6 +29,15 @@ def host_of(authority: str) -> str | None:
     return host or None
 
 
+def is_ip_literal(host: str) -> bool:
+    """An address, not a name: DNS rebinding needs a name to rebind."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def is_loopback_host(host: str) -> bool:
     if host in LOOPBACK_NAMES:
         return True

@@ -3,6 +3,7 @@ refresh interface. Nothing here ever answers a token or a secret."""
 from __future__ import annotations
 
 import hmac
+import json
 import math
 import time
 from typing import TYPE_CHECKING, Protocol
@@ -14,6 +15,7 @@ from ..credentials import RefreshThrottled, TokenUnavailable
 from ..credentials.kinds import kinds_for
 from ..credentials.platform import authorizer_status
 from ..credentials.store import StoreUnavailable
+from ..http.callers import host_of, is_ip_literal, is_loopback_host
 from ..http.server import json_error_body
 from .metrics import CONTENT_TYPE
 
@@ -34,6 +36,10 @@ class Sidecar(Protocol):
 
     def waiting_for_ticket(self, name: str) -> bool: ...
 
+
+# Answered to anyone who reaches the port, whatever Host they name: probes
+# and scrapers carry no secret, and the kubelet may name the pod's address.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 # Authorizers imported by one POST /admin/authorizers, and listed per page.
 MAX_IMPORT = 100_000
@@ -123,9 +129,12 @@ class AdminRoutes:
         platform = self._platform(request)
         if isinstance(platform, web.Response):
             return platform
+        if request.content_type != "application/json":
+            # A web page can send text/plain without a preflight; never JSON.
+            return admin_error(415, "the body must be sent as Content-Type: application/json")
         try:
-            data = await request.json()
-        except ValueError:
+            data = json.loads(await request.read())
+        except (ValueError, RecursionError):
             return admin_error(400, "the body must be JSON")
         if not isinstance(data, dict):
             return admin_error(400, "the body must be a JSON object")
@@ -208,12 +217,44 @@ class AdminRoutes:
             return admin_error(404, f"authorizer {appid[:64]!r} is not registered with {platform.app.name}")
         return web.json_response({"app": platform.app.name, "removed": appid})
 
+    def allowed_host(self, authority: str) -> bool:
+        """A Host (or an Origin's authority) this port answers to: a loopback
+        name, an IP literal (kubelet probes and Prometheus use the pod's IP),
+        admin.host or admin.allowed_hosts. A name that is none of these is
+        a browser led here by DNS rebinding."""
+        host = host_of(authority)
+        if host is None:
+            return False
+        admin = self.sidecar.config.admin
+        return (is_loopback_host(host) or is_ip_literal(host) or host == admin.host.lower().strip("[]")
+                or host in (h.lower().strip("[]") for h in admin.allowed_hosts))
+
+    def refuse_web_pages(self, request: web.Request) -> web.Response | None:
+        """What a web page could make a browser send (DESIGN.md, "Admin
+        port"): a foreign Host, a cross-site Origin or Sec-Fetch-Site."""
+        host = request.headers.get("Host")
+        if host is not None and request.path not in OPEN_PATHS and not self.allowed_host(host):
+            return admin_error(403, f"Host {host[:64]!r} is not this sidecar: the admin port serves loopback names, "
+                                    "IP literals, admin.host and admin.allowed_hosts only")
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            scheme, sep, authority = origin.partition("://")
+            if not sep or scheme.lower() not in ("http", "https") or not self.allowed_host(authority):
+                return admin_error(403, "cross-site Origin refused: the admin port is not for other sites' pages")
+        if request.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
+            return admin_error(403, "cross-site request refused (Sec-Fetch-Site: cross-site)")
+        return None
+
     @web.middleware
     async def guard(self, request: web.Request, handler) -> web.StreamResponse:
         """Every /admin/ endpoint, GET included, needs the bearer when
         admin.token is set (/admin/apps names appids and failure reasons);
-        without a token, changes are refused beyond loopback. Probes
-        (/healthz, /readyz) and scrapers (/metrics) carry no secret."""
+        without a token, /admin/ is served to loopback callers only, and
+        changes are refused outright when admin listens beyond loopback.
+        Probes (/healthz, /readyz) and scrapers (/metrics) carry no secret."""
+        refused = self.refuse_web_pages(request)
+        if refused is not None:
+            return refused
         if request.path.startswith("/admin/"):
             admin = self.sidecar.config.admin      # read per request: a reload may change it
             if admin.token:
@@ -224,6 +265,9 @@ class AdminRoutes:
             elif request.method not in ("GET", "HEAD") and not is_loopback(admin.host):
                 return admin_error(403, "admin.token is empty and admin listens beyond loopback: "
                                         f"{request.method} refused; set admin.token")
+            elif not is_loopback(request.remote or ""):
+                return admin_error(403, "admin.token is empty: /admin/ answers loopback callers only "
+                                        "(set admin.token to reach it from elsewhere)")
         return await handler(request)
 
     async def refresh(self, request: web.Request) -> web.Response:
