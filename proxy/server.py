@@ -389,7 +389,7 @@ def file_stamps(paths: tuple[str, ...]) -> dict[str, FileStamp]:
     return stamps
 
 
-async def watch_files(files: Callable[[], tuple[str, ...]], on_change: Callable[[str], None],
+async def watch_files(files: Callable[[], tuple[str, ...]], on_change: Callable[[str], Awaitable[None]],
                       interval: float) -> None:
     """Call `on_change(path)` when one of `files()` changes; checks every `interval` s."""
     seen = file_stamps(files())
@@ -401,7 +401,7 @@ async def watch_files(files: Callable[[], tuple[str, ...]], on_change: Callable[
             # Remember this state whatever the reload makes of it: a broken
             # file is reported once, not every interval.
             seen = now
-            on_change(changed[0])
+            await on_change(changed[0])
             seen = file_stamps(files())       # the reload may have named other files
 
 
@@ -426,18 +426,29 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    def reload(why: str) -> None:
+    reloading = asyncio.Lock()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def reload(why: str) -> None:
+        """Read the config and its files off the event loop (a slow or odd
+        file must never stop the proxy or /healthz), one reload at a time."""
         if reload_config is None:
             return
-        log.info("reloading the config (%s)", why, extra={"event": "reload"})
-        try:
-            new = reload_config()
-        except ConfigError as exc:
-            log.error("config reload refused, the running config stays: %s", exc, extra={"event": "reload"})
-            return
-        running.sidecar.reload(new)
+        async with reloading:
+            log.info("reloading the config (%s)", why, extra={"event": "reload"})
+            try:
+                new = await asyncio.to_thread(reload_config)
+            except ConfigError as exc:
+                log.error("config reload refused, the running config stays: %s", exc, extra={"event": "reload"})
+                return
+            running.sidecar.reload(new)
 
-    loop.add_signal_handler(signal.SIGHUP, reload, "SIGHUP")
+    def on_sighup() -> None:
+        task = asyncio.create_task(reload("SIGHUP"))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     watcher = None
     if reload_config is not None and config.reload_poll_s > 0:
         watcher = asyncio.create_task(watch_files(
