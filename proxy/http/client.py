@@ -381,6 +381,7 @@ class UpstreamPool:
         self._idle: list[_Connection] = []
         # Calls beyond `limit` wait in line (asyncio.Semaphore's own check
         # walked its waiters on every acquire: 1 % of a call).
+        self.limit = limit
         self._free = limit
         self._line: collections.deque[asyncio.Future[None]] = collections.deque()
         self._max_idle = limit   # every connection in use may be reused
@@ -394,6 +395,11 @@ class UpstreamPool:
         # timeout fires at most a quarter of itself late.
         self._tick = min(1.0, max(0.05, timeout_s / 4))
         self._sweep_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def free_slots(self) -> int:
+        """Calls that could start now without waiting for a connection."""
+        return self._free
 
     def header_kind(self, name: bytes) -> str:
         lower = name.lower()

@@ -99,6 +99,9 @@ UPSTREAM_POOL_LIMIT = 100
 
 SIDECAR_ERRCODE_HEADER = "X-Sidecar-Upstream-Errcode"
 
+# A client body whose JSON nests deeper than the parser's recursion allows.
+TOO_DEEP = "the JSON body nests too deeply"
+
 # Request headers the proxy port's server notes while parsing (Request.noted),
 # so that no call searches its headers for them.
 NOTED_HEADERS = (b"x-wechat-app", b"x-request-id", b"host", b"origin", b"sec-fetch-site",
@@ -423,6 +426,8 @@ class Forwarder:
                 return sidecar_error(exc.status, exc.why, outcome="bad_request")
             except ValueError:
                 pass
+            except (RecursionError, MemoryError):
+                return sidecar_error(400, TOO_DEEP, outcome="bad_request")
         try:
             token = await manager.refresh_for_caller() if force else (manager.current() or await manager.get())
         except TokenUnavailable as exc:
@@ -515,7 +520,11 @@ class Forwarder:
         complete = len(data) < SNIFF_LIMIT or resp.at_eof()
         errcode, errmsg = None, ""
         if complete and data:
-            errcode, errmsg = self._errcode(resp, data, refresh_codes)
+            try:
+                errcode, errmsg = self._errcode(resp, data, refresh_codes)
+            except BaseException:
+                resp.release()          # whatever went wrong, the pooled connection is given back
+                raise
         return resp, data, complete, errcode, errmsg
 
     @staticmethod
@@ -552,8 +561,8 @@ class Forwarder:
                 return int(codes[0]), ""
         try:
             parsed = json.loads(data)
-        except ValueError:
-            return None, ""
+        except (ValueError, RecursionError, MemoryError):
+            return None, ""            # not JSON we can read: relayed as it is
         if not isinstance(parsed, dict):
             return None, ""
         code = parsed.get("errcode")

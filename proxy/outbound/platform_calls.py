@@ -81,7 +81,7 @@ class PlatformCalls:
         try:
             data = json.loads(reply.body)
             await platform.register_answer(data)
-        except ValueError:
+        except (ValueError, RecursionError, MemoryError):
             return
         except StoreUnavailable as exc:
             log.error("api_query_auth answered but the authorizer could not be registered: %s", exc,
@@ -114,6 +114,8 @@ class PlatformCalls:
             return sidecar_error(exc.status, exc.why, outcome="bad_request")
         except ValueError:
             data = None
+        except (RecursionError, MemoryError):
+            return sidecar_error(400, "the JSON body nests too deeply", outcome="bad_request")
         appid = data.get("authorizer_appid") if isinstance(data, dict) else None
         if not isinstance(appid, str) or not appid:
             return sidecar_error(400, "api_authorizer_token needs authorizer_appid in its JSON body",
