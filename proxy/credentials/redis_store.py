@@ -2,7 +2,8 @@
 
 Keys (all under `key_prefix`; `{...}` is a Redis Cluster hash tag, so every
 key of one credential lives in one slot and each script touches one slot):
-  token:{<key>}           hash {value, fetched_at, expires_at (epoch s), rejected}; expires with the token
+  token:{<key>}           hash {value, fetched_at, expires_at (Redis's clock, epoch s), rejected};
+                          expires with the token (a relative PEXPIRE)
   lock:{<key>}            owner id; a short lease renewed while its owner fetches
   fetches:{<key>}:<day>   token fetches made by the cluster that day (China time)
   value:{<key>}           a small named value (a platform's component_verify_ticket)
@@ -28,8 +29,11 @@ rewinds nobody and an empty Redis is refilled without a fetch.
 
 Sidecars serve from their local copy; Redis is read only when a token is
 due, missing or refused, so a request never waits on Redis while the local
-copy is good. Times cross process boundaries as wall-clock epochs and are
-turned into local monotonic time on the way in and out.
+copy is good. No replica's wall clock is the truth of a token's life (an NTP
+step, a paused VM, a node hours off): a token's life crosses processes as a
+duration (its age and what is left of it, from the local monotonic clock),
+turned into times on Redis's own clock (TIME, inside the script that writes
+or reads) and back; the key's expiry is relative (PEXPIRE).
 """
 from __future__ import annotations
 
@@ -92,24 +96,41 @@ end
 return 0
 """
 
-# Store a fetched token and tell everyone. ARGV: value, fetched_at, expires_at,
-# expiry in ms since the epoch, channel, message.
-_SAVE = """
-redis.call('HSET', KEYS[1], 'value', ARGV[1], 'fetched_at', ARGV[2], 'expires_at', ARGV[3], 'rejected', '0')
-redis.call('PEXPIREAT', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[5], ARGV[6])
+# Now on Redis's clock, in seconds, inside a script (scripts replicate their
+# effects, so TIME is allowed). Every time stored is on this clock.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+"""
+
+# Store a fetched token and tell everyone. ARGV: value, age (ms), life left
+# (ms), channel, message: durations, never a replica's wall clock.
+_SAVE = _NOW + """
+local fetched = string.format('%.3f', now - tonumber(ARGV[2]) / 1000)
+local expires = string.format('%.3f', now + tonumber(ARGV[3]) / 1000)
+redis.call('HSET', KEYS[1], 'value', ARGV[1], 'fetched_at', fetched, 'expires_at', expires, 'rejected', '0')
+redis.call('PEXPIRE', KEYS[1], math.max(1, tonumber(ARGV[3])) + 1000)
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 """
 
 # Write a held token back only where the store has none, or an older one
 # (a failover lost the write, or the server restarted empty). Same ARGV.
-_SEED = """
+_SEED = _NOW + """
+local fetched = now - tonumber(ARGV[2]) / 1000
 local stored = redis.call('HGET', KEYS[1], 'fetched_at')
-if stored and tonumber(stored) >= tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], 'value', ARGV[1], 'fetched_at', ARGV[2], 'expires_at', ARGV[3], 'rejected', '0')
-redis.call('PEXPIREAT', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[5], ARGV[6])
+if stored and tonumber(stored) >= fetched - 0.001 then return 0 end
+redis.call('HSET', KEYS[1], 'value', ARGV[1], 'fetched_at', string.format('%.3f', fetched),
+           'expires_at', string.format('%.3f', now + tonumber(ARGV[3]) / 1000), 'rejected', '0')
+redis.call('PEXPIRE', KEYS[1], math.max(1, tonumber(ARGV[3])) + 1000)
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
+"""
+
+# A token's hash and Redis's clock, read together on the key's own node.
+_LOAD = """
+local t = redis.call('TIME')
+return {redis.call('HGETALL', KEYS[1]), t[1], t[2]}
 """
 
 _RENEW = """
@@ -230,12 +251,6 @@ class RedisStore(Watchers):
         """A key of one credential (or registry): hash-tagged by the credential."""
         return f"{self.prefix}{kind}:{{{key}}}"
 
-    def _to_local(self, wall_time: float) -> float:
-        return wall_time - self.wall() + self.clock()
-
-    def _to_wall(self, local_time: float) -> float:
-        return local_time - self.clock() + self.wall()
-
     async def _call(self, what: str, coro):  # type: ignore[no-untyped-def]
         try:
             return await coro
@@ -323,22 +338,29 @@ class RedisStore(Watchers):
     # ------------------------------------------------------------ tokens
 
     async def load(self, key: str) -> Token | None:
-        data = await self._call("load", self.redis.hgetall(self._k("token", key)))
+        data, redis_now = await self._load(self._k("token", key))
         if not data and not self.cluster and not key.startswith(NO_LEGACY):
             # Written before keys were hash-tagged (an upgrade under way).
-            data = await self._call("load", self.redis.hgetall(f"{self.prefix}token:{key}"))
+            data, redis_now = await self._load(f"{self.prefix}token:{key}")
         if not data or data.get("rejected") == "1" or not data.get("value"):
             return None
         try:
-            return Token(value=data["value"], fetched_at=self._to_local(float(data["fetched_at"])),
-                         expires_at=self._to_local(float(data["expires_at"])))
+            # Times on Redis's clock, made local: how long ago, how long left.
+            now = self.clock()
+            return Token(value=data["value"], fetched_at=now - (redis_now - float(data["fetched_at"])),
+                         expires_at=now + (float(data["expires_at"]) - redis_now))
         except (KeyError, ValueError):
             return None
 
+    async def _load(self, redis_key: str) -> tuple[dict[str, str], float]:
+        fields, seconds, micros = await self._call("load", self.redis.eval(_LOAD, 1, redis_key))
+        return dict(zip(fields[::2], fields[1::2])), int(seconds) + int(micros) / 1_000_000
+
     def _token_args(self, key: str, token: Token) -> list[str]:
-        expires_wall = self._to_wall(token.expires_at)
-        return [token.value, repr(self._to_wall(token.fetched_at)), repr(expires_wall),
-                str(int(expires_wall * 1000) + 1000), self.channel, f"new {key} {fingerprint(token.value)}"]
+        now = self.clock()
+        age_ms = max(0, int((now - token.fetched_at) * 1000))
+        life_ms = int((token.expires_at - now) * 1000)
+        return [token.value, str(age_ms), str(life_ms), self.channel, f"new {key} {fingerprint(token.value)}"]
 
     async def _save(self, key: str, token: Token) -> None:
         await self._call("save", self.redis.eval(_SAVE, 1, self._k("token", key), *self._token_args(key, token)))
