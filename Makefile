@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check venv clean bench bench-instructions soak scale
+.PHONY: demo test deps check venv clean bench bench-instructions soak scale
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +14,17 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+# System packages the tests need (redis-server, promtool, libfaketime...):
+# installed with apt-get when missing, or named in one line before anything runs.
+deps:
+	@tools/test-deps
+
+demo:
+	@tools/test-deps --demo
+	@$(MAKE) --no-print-directory $(STAMP)
 	$(PY) -m proxy demo
 
-test: $(STAMP)
+test: deps $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 

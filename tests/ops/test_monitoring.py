@@ -24,7 +24,7 @@ METRIC_RE = re.compile(r"\bwts_[a-z_]+\b")
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.fail("promtool is not installed (Debian's prometheus package; .ci/run installs it)")
+        pytest.fail("promtool is not installed (Debian's prometheus package; tools/test-deps installs it)")
     return path
 
 
