@@ -47,6 +47,13 @@ async def sim() -> AsyncIterator[WeChatSimulator]:
     await runner.cleanup()
 
 
+async def past_coalescing() -> None:
+    """Past the window in which a passive refresh is answered with the token
+    just fetched (policy.REFRESH_COALESCE_S): the next one fetches."""
+    from proxy.credentials.policy import REFRESH_COALESCE_S
+    await asyncio.sleep(REFRESH_COALESCE_S + 0.05)
+
+
 def head_yaml(upstream: str, *, top: str = "", listen_port: int = 0, admin_port: int = 0) -> str:
     """A test config's listeners, upstream and any other top-level lines (`top`)."""
     return textwrap.dedent(f"""\

@@ -194,7 +194,9 @@ def test_demo_prints_curl_lines_that_work(tmp_path):
         assert '"status": "ready"' in joined
         assert '"ticket": "SIM_TK_jsapi_' in joined and '"signature": "' in joined
         stats = json.loads(outputs[-1])
-        assert sum(stats["fetches"].values()) == 3      # start-up, the rotation, the admin refresh
+        # start-up, the rotation, and the admin refresh, unless that came within
+        # 0.5 s of the rotation's refresh: then that refresh is its answer
+        assert sum(stats["fetches"].values()) in (2, 3), stats
         assert stats["ticket_fetches"] == {"jsapi": 1}  # getticket and jssdk share one ticket
     finally:
         stop_demo(proc)

@@ -14,7 +14,7 @@ from proxy.config import App
 from proxy.simulator import WeChatSimulator
 from proxy.credentials import FailureKind, FetchError, make_fetcher
 
-from .conftest import APPID, SECRET, free_port, sidecar_yaml
+from .conftest import APPID, SECRET, free_port, past_coalescing, sidecar_yaml
 
 FAULTS = {
     "http500": "HTTP 500",
@@ -39,6 +39,7 @@ async def test_a_failing_token_endpoint_never_costs_a_valid_token(sim, make_side
     else:
         sim.settings.token_fault = fault
     attempts = sim.attempt_count()
+    await past_coalescing()
     async with http.post(f"{sc.admin}/admin/refresh?app=mp") as resp:
         assert resp.status == 503
         err = (await resp.json())["errmsg"]

@@ -14,7 +14,7 @@ from typing import Awaitable, Callable
 
 from ..config import App
 from .fetchers import Fetched, Fetcher, FetchError
-from .policy import FailureKind, Token, TokenState, refresh_due_at
+from .policy import MAX_CALLER_WAIT_S, Action, FailureKind, Source, Token, TokenState, decide, refresh_due_at
 from .store import FetchCapReached, StoreUnavailable, TokenStore, fingerprint
 
 log = logging.getLogger("proxy.tokens")
@@ -22,19 +22,6 @@ log = logging.getLogger("proxy.tokens")
 # stable_token force mode: consecutive force calls must be 30 s apart or
 # nothing is refreshed (wechat-api-notes.md §1.2).
 STABLE_FORCE_SPACING_S = 30.0
-
-# A caller waits for a scheduled refresh at most this long; past that it gets
-# a clear 503 at once rather than hanging until the app's own timeout.
-MAX_CALLER_WAIT_S = 5.0
-
-# A caller's force_refresh within this long after a fetch gets that fetch's
-# token: SDKs that all ask at once after one 40001 share one refresh.
-CALLER_REFRESH_COALESCE_S = 2.0
-
-# An operator's (or a business server's) passive refresh asked this soon after
-# a fetch completed gets that fetch's result: ten servers that saw one token
-# rejected and all asked cost one fetch, not one each.
-ADMIN_REFRESH_COALESCE_S = 0.5
 
 # A reader looks for the fetchers' new token this often while it waits.
 READER_POLL_S = 0.05
@@ -64,7 +51,7 @@ class TokenManager:
                  "rng", "state", "refreshes", "_inflight", "_inflight_starts_at", "_wake", "_runner", "_started",
                  "_adopting", "_looked_in_store_at", "_last_force_at", "role", "on_store_down",
                  "local_fetches_store_down", "on_refresh", "on_fetch", "on_rotated", "on_removed", "_wake_adopt",
-                 "_admin_refreshed", "_due_for", "_due_at")
+                 "_due_for", "_due_at")
 
     def __init__(self, app: App, fetcher: Fetcher, store: TokenStore, *,
                  role: str = "fetcher", on_store_down: str = "fetch_locally",
@@ -105,7 +92,6 @@ class TokenManager:
         self.on_rotated: Callable[[], None] = _nothing
         self.on_removed: Callable[[], None] = _nothing     # the credential was deleted (an authorizer)
         self._wake_adopt = False
-        self._admin_refreshed: tuple[Token, float] | None = None   # the last passive refresh: token, when
         self._due_for: Token | None = None      # ask(): the token _due_at was worked out for
         self._due_at = float("inf")
 
@@ -216,7 +202,7 @@ class TokenManager:
         token = self.current()
         if token is not None:
             return token
-        return await self._wait_for_token("demand")
+        return await self._obtain(Source.DEMAND)
 
     async def invalidate(self, bad_token: str) -> Token:
         """WeChat rejected `bad_token`. Refresh only if it is still the current
@@ -225,11 +211,7 @@ class TokenManager:
             log.warning("token rejected by WeChat; refreshing",
                         extra={"event": "token_rejected", "app": self.name})
             self.on_rotated()
-            return await self._wait_for_token("errcode")
-        token = self.current()
-        if token is not None:
-            return token
-        return await self._wait_for_token("errcode")
+        return await self._obtain(Source.REJECTED)
 
     def reject(self, bad_token: str) -> None:
         """WeChat refused a token we had just fetched: mark it so the next caller
@@ -245,72 +227,58 @@ class TokenManager:
         self.state.mark_served(value)
 
     async def refresh_for_caller(self) -> Token:
-        """A caller (an SDK's force_refresh) asks for a new token without saying
-        which one failed. While a valid token is held it is answered at once
-        (the sidecar puts its own token on every call anyway); a refresh starts
-        behind it unless one just finished, one is under way, or the
-        forced-refresh spacing says not yet."""
-        token = self.current()
-        if token is None:
-            return await self._wait_for_token("caller")
-        now = self.clock()
-        if (self._inflight is None and now - token.fetched_at >= CALLER_REFRESH_COALESCE_S
-                and self.state.forced_fetch_at(now) <= now):
-            self._start_refresh("caller", use_store=False)
-        return token
+        """An SDK's force refresh, which says nothing about which token failed:
+        the token held is the answer (the sidecar puts its own token on every
+        call anyway), with a fetch behind it at most every SDK_FORCE_SPACING_S."""
+        return await self._obtain(Source.SDK_FORCE)
 
     async def refresh_now(self) -> Token:
         """The passive refresh interface (admin): fetch now, coalesced with a
-        fetch under way or one that just finished; overrides a backoff, not
+        fetch under way or one that just completed; overrides a backoff, not
         the forced-refresh spacing (RefreshThrottled while the token is valid)."""
-        before = self.state.token
-        now = self.clock()
-        if self._inflight is None:
-            last = self._admin_refreshed
-            if last is not None and last[0] is before and self.state.usable(now) \
-                    and now - last[1] < ADMIN_REFRESH_COALESCE_S:
-                return before                 # a refresh just completed: it is this one's answer
-            self.state.clear_backoff()
-            wait = self.state.forced_fetch_at(now) - now
-            if wait > 0 and self.state.usable(now):
-                raise RefreshThrottled(f"app {self.name}: refreshed {now - before.fetched_at:.1f} s ago; "  # type: ignore[union-attr]
-                                       f"the next forced refresh is allowed in {wait:.1f} s "
-                                       f"(the current token is still served)", wait)
-            self._start_refresh("admin", use_store=False)
-        elif self._inflight_starts_at > now and self.state.usable(now):
-            wait = self._inflight_starts_at - now
-            raise RefreshThrottled(f"app {self.name}: a refresh is scheduled in {wait:.1f} s "
-                                   f"(the current token is still served)", wait)
-        token = await self._wait_for_token("admin")
-        if token is before:
-            failure = self.state.last_failure
-            raise TokenUnavailable(f"app {self.name}: refresh failed"
-                                   + (f": {failure.describe()}" if failure else "")
-                                   + "; the current token is still served")
-        self._admin_refreshed = (token, self.clock())
-        return token
+        return await self._obtain(Source.ADMIN)
 
-    async def _wait_for_token(self, reason: str) -> Token:
+    async def _obtain(self, source: Source) -> Token:
+        """A token for `source`, as the rule book (policy.decide) says: the
+        one held, the fetch under way's, a new fetch's, or a refusal."""
+        before = self.state.token
         for attempt in (1, 2):
-            if self._inflight is None and self.state.retry_at <= self.clock():
-                self._start_refresh(reason)
-            starts = self._inflight_starts_at if self._inflight is not None else self.state.retry_at
-            if starts > self.clock() and self.clock() - self._looked_in_store_at >= READER_POLL_S:
-                # Backing off, or a forced refresh spaced out: another sidecar
-                # may hold what we lack (one look per READER_POLL_S, not per call).
+            now = self.clock()
+            decision = decide(source, self.state.facts(now, self._inflight_starts_at if self._inflight else None))
+            if decision.action is Action.REFUSE:
+                raise self._refusal(source, decision.at - now)
+            if decision.action in (Action.ANSWER, Action.BEHIND):
+                if decision.action is Action.BEHIND:
+                    self._start_refresh(source.value, use_store=False, not_before=decision.at)
+                token = self.current()
+                if token is not None:
+                    return token
+                continue                                 # (not reached: answers need a usable token)
+            if decision.action is Action.FETCH:
+                if source is Source.ADMIN:
+                    self.state.clear_backoff()
+                self._start_refresh(source.value, use_store=source not in (Source.ADMIN, Source.SDK_FORCE),
+                                    not_before=decision.at)
+            # FETCH or JOIN: that attempt's answer. While it is still to come
+            # (a backoff, a spaced-out refresh), another sidecar may hold what
+            # we lack: one look in the store per READER_POLL_S, not per call.
+            if self._inflight_starts_at > self.clock() and self.clock() - self._looked_in_store_at >= READER_POLL_S \
+                    and source is not Source.ADMIN:
                 self._looked_in_store_at = self.clock()
                 await self._adopt_from_store()
                 token = self.current()
                 if token is not None:
                     return token
-            if self._inflight is None:
-                raise TokenUnavailable(self._reason())
-            wait = self._inflight_starts_at - self.clock()
-            if wait > MAX_CALLER_WAIT_S:
-                raise TokenUnavailable(f"{self._reason()}; next refresh in {wait:.0f} s "
-                                       f"(forced refreshes are limited to protect the daily quota)")
+            assert self._inflight is not None
             await asyncio.shield(self._inflight)
             token = self.current()
+            if source is Source.ADMIN:
+                if token is None or token is before:
+                    failure = self.state.last_failure
+                    raise TokenUnavailable(f"app {self.name}: refresh failed"
+                                           + (f": {failure.describe()}" if failure else "")
+                                           + ("; the current token is still served" if token else ""))
+                return token
             if token is not None:
                 return token
             if self.state.failures or self.state.rejected is None:
@@ -319,16 +287,28 @@ class TokenManager:
             # with that very token (taken from the store): one more, now.
         raise TokenUnavailable(self._reason())
 
+    def _refusal(self, source: Source, wait: float) -> TokenUnavailable:
+        token = self.current()
+        if token is not None:                           # a refresh refused while a token is served: 429
+            why = (f"a refresh is scheduled in {wait:.1f} s" if self._inflight is not None
+                   else f"refreshed {self.clock() - token.fetched_at:.1f} s ago; the next forced refresh "
+                        f"is allowed in {wait:.1f} s")
+            return RefreshThrottled(f"app {self.name}: {why} (the current token is still served)", wait)
+        return TokenUnavailable(f"{self._reason()}; next refresh in {wait:.0f} s "
+                                f"(forced refreshes and retries are spaced to protect the daily quota)")
+
     def _reason(self) -> str:
         return f"app {self.name}: {self.state.unavailable_reason(self.clock())}"
 
     # ------------------------------------------------------------ fetching
 
-    def _start_refresh(self, reason: str, use_store: bool = True) -> asyncio.Task[None]:
+    def _start_refresh(self, reason: str, use_store: bool = True,
+                       not_before: float | None = None) -> asyncio.Task[None]:
         if self._inflight is None:
             now = self.clock()
-            forced = reason in ("errcode", "admin", "caller") or self.state.rejected is not None
-            not_before = self.state.forced_fetch_at(now) if forced else max(now, self.state.retry_at)
+            forced = reason in ("errcode", "admin", "sdk_force") or self.state.rejected is not None
+            if not_before is None:
+                not_before = self.state.forced_fetch_at(now) if forced else max(now, self.state.retry_at)
             self._inflight_starts_at = not_before
             self._inflight = asyncio.create_task(self._fetch(reason, not_before, forced, use_store),
                                                  name=f"token-fetch:{self.name}")
@@ -357,7 +337,7 @@ class TokenManager:
             """Is a token someone else put in the store good enough to skip a fetch?"""
             if token.value == rejected or self._older(token):
                 return False
-            if not use_store:       # admin / caller refresh: only a token fetched since the ask
+            if not use_store:       # admin / SDK force refresh: only a token fetched since the ask
                 return token.fetched_at >= asked_at
             return self.clock() < refresh_due_at(token, self.app.refresh_before_s) \
                 or (rejected is not None and self.clock() < token.usable_until)
@@ -467,10 +447,13 @@ class TokenManager:
             self.on_removed()
         elif event == "new" and self.state.token is not None and fingerprint(self.state.token.value) == fp:
             return                                   # the news is the token held already
+        elif event == "new" and decide(Source.STORE, self.state.facts(
+                self.clock(), self._inflight_starts_at if self._inflight else None)).action is Action.ANSWER:
+            return                                   # our fetch under way finds it in the store itself
         elif event == "new" and self._inflight is None:
             self._wake_adopt = True
             self._poke()
-        elif event == "new" and self.current() is None:
+        elif event == "new":
             # A fetch of ours waits out a backoff while another sidecar got
             # the token (a platform whose verify ticket reached only that
             # one): take it now rather than after the backoff.

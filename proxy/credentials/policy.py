@@ -1,8 +1,13 @@
 """The token decisions as pure code: no I/O, no event loop, every time passed in.
 
 `TokenState` answers "is this token usable", "when must I refresh", "may I fetch
-now", and records what a fetch brought. The async `TokenManager` asks it and
-does the talking; tests drive it with plain numbers for a clock.
+now", and records what a fetch brought. `decide` is the one rule book for
+every source of a refresh (the refresher, a call with no usable token, a call
+that saw the token rejected, an operator, an SDK's force refresh, news from
+the store): fetch now, join the fetch under way, answer with the token held,
+wait for the next attempt, or refuse with a time to retry. The async
+`TokenManager` asks it and does the talking; tests drive both with plain
+numbers for a clock.
 """
 from __future__ import annotations
 
@@ -187,6 +192,13 @@ class TokenState:
         at = now if self._last_forced_at is None else max(now, self._last_forced_at + self.forced_spacing())
         return max(at, self.retry_at)
 
+    def facts(self, now: float, inflight_at: float | None) -> "Facts":
+        token = self.token
+        spaced = now if self._last_forced_at is None else max(now, self._last_forced_at + self.forced_spacing())
+        return Facts(now=now, usable=self.usable(now), rejected=token is not None and token.value == self.rejected,
+                     fetched_at=token.fetched_at if token is not None else None, inflight_at=inflight_at,
+                     retry_at=self.retry_at, spaced_at=spaced)
+
     def spend_forced(self, now: float) -> None:
         self._last_forced_at = now
 
@@ -267,3 +279,102 @@ class TokenState:
     def clear_backoff(self) -> None:
         """An operator asked for a refresh: try now, whatever the backoff said."""
         self.retry_at = 0.0
+
+
+# ---------------------------------------------------------------- the rule book
+
+# A caller with no usable token waits for an attempt that starts within this
+# long (a short backoff, a spaced-out forced refresh) and gets that attempt's
+# answer; past it, a clear 503 at once rather than hanging until the app's
+# own timeout (SDK timeouts are 5-30 s).
+MAX_CALLER_WAIT_S = 5.0
+
+# A passive refresh (an operator's, or a business server's that saw a token
+# rejected) asked this soon after the held token was fetched is answered with
+# that token: ten servers that saw one rejection cost one fetch, and an
+# operator's refresh right behind a replay's refresh is that refresh.
+REFRESH_COALESCE_S = 0.5
+
+# An SDK's force refresh (stable_token with force_refresh: true) carries no
+# evidence that the token is bad: it is answered with the token held, and a
+# fetch starts behind it only when that token is at least this old, WeChat's
+# own spacing of forced stable_token calls (wechat-api-notes.md §1.2). A
+# token seen rejected is another matter: that caller waits for the refresh.
+SDK_FORCE_SPACING_S = 30.0
+
+
+class Source(enum.Enum):
+    PROACTIVE = "proactive"      # the refresher: the token is due, or a retry after a failure
+    DEMAND = "demand"            # a call found no usable token
+    REJECTED = "errcode"         # a call saw WeChat reject the token (40001 / 42001 / 40014)
+    ADMIN = "admin"              # POST /admin/refresh: the passive refresh
+    SDK_FORCE = "sdk_force"      # an SDK's force refresh
+    STORE = "store"              # another replica stored a new token
+
+
+class Action(enum.Enum):
+    ANSWER = "answer"            # the token held is the answer; nothing is fetched
+    JOIN = "join"                # wait for the fetch under way
+    FETCH = "fetch"              # start a fetch at `at` and wait for it
+    BEHIND = "behind"            # answer the token held, and start a fetch behind it
+    ADOPT = "adopt"              # take what the store holds
+    REFUSE = "refuse"            # not now: retry after `at` (429 while a token is held, else 503)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a decision looks at, all monotonic seconds."""
+    now: float
+    usable: bool                 # a token is held, not rejected, not expired
+    rejected: bool               # the held token was seen rejected
+    fetched_at: float | None     # when the held token was fetched (None: none held)
+    inflight_at: float | None    # when the fetch under way starts or started (None: none)
+    retry_at: float              # the backoff after failures: no automatic fetch before it
+    spaced_at: float             # the forced-refresh spacing: no forced fetch before it
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    at: float = 0.0
+
+
+def _wait_for(f: Facts, start: float) -> Decision:
+    """A caller with no usable token: a fetch from `start`, if soon enough."""
+    start = max(f.now, start)
+    return Decision(Action.FETCH, start) if start - f.now <= MAX_CALLER_WAIT_S else Decision(Action.REFUSE, start)
+
+
+def decide(source: Source, f: Facts) -> Decision:
+    """The one rule for every source of a refresh (README "How it behaves")."""
+    forced_at = max(f.spaced_at, f.retry_at)
+    if source is Source.STORE:
+        # News of another replica's token: while a fetch of ours is under way
+        # and a token is served, that fetch finds it in the store itself.
+        return Decision(Action.ANSWER) if f.usable and f.inflight_at is not None else Decision(Action.ADOPT)
+    if source is Source.PROACTIVE:
+        if f.inflight_at is not None:
+            return Decision(Action.JOIN, f.inflight_at)
+        return Decision(Action.FETCH, max(f.now, forced_at if f.rejected else f.retry_at))
+    if source is Source.ADMIN:
+        if f.inflight_at is not None:
+            if f.usable and f.inflight_at > f.now:
+                return Decision(Action.REFUSE, f.inflight_at)        # a spaced-out refresh is scheduled
+            return Decision(Action.JOIN, f.inflight_at) if f.inflight_at - f.now <= MAX_CALLER_WAIT_S \
+                else Decision(Action.REFUSE, f.inflight_at)
+        if f.usable and f.fetched_at is not None and f.now - f.fetched_at < REFRESH_COALESCE_S:
+            return Decision(Action.ANSWER)                          # a refresh just completed: this is it
+        start = max(f.now, f.spaced_at)                             # an operator overrides a backoff
+        if f.usable and start > f.now:
+            return Decision(Action.REFUSE, start)
+        return _wait_for(f, start)
+    if f.usable:
+        if source is Source.SDK_FORCE and f.inflight_at is None and f.fetched_at is not None \
+                and f.now - f.fetched_at >= SDK_FORCE_SPACING_S and forced_at <= f.now:
+            return Decision(Action.BEHIND, f.now)
+        return Decision(Action.ANSWER)
+    # No usable token (DEMAND, REJECTED, SDK_FORCE): wait for an attempt soon enough.
+    if f.inflight_at is not None:
+        return Decision(Action.JOIN, f.inflight_at) if f.inflight_at - f.now <= MAX_CALLER_WAIT_S \
+            else Decision(Action.REFUSE, f.inflight_at)
+    return _wait_for(f, forced_at if (source is Source.REJECTED or f.rejected) else f.retry_at)

@@ -13,7 +13,7 @@ import pytest
 from proxy.credentials import FailureKind, FetchError
 from proxy.credentials.fetchers import TicketFetcher
 
-from ..conftest import APPID, CORPID, CORPSECRET, sidecar_yaml, wait_until
+from ..conftest import APPID, CORPID, CORPSECRET, past_coalescing, sidecar_yaml, wait_until
 from ..outbound.test_dropin import wecom_apps
 
 
@@ -247,6 +247,7 @@ async def test_admin_refresh_of_one_ticket_is_one_fetch_and_apps_show_tickets_bu
     sim.settings.ticket_ttl_s = 7200
     sim.tickets.clear()                              # WeChat would hand out a new ticket now
     before = sim.ticket_fetch_count("jsapi")
+    await past_coalescing()
     async with http.post(f"{sc.admin}/admin/refresh", params={"app": "mp", "credential": "jsapi_ticket"}) as resp:
         assert resp.status == 200
         body = await resp.json()

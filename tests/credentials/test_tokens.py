@@ -9,7 +9,7 @@ import pytest
 
 from proxy.config import App
 from proxy.credentials import FailureKind, Fetched, FetchError, MemoryStore, TokenManager, TokenState, TokenUnavailable
-from proxy.credentials.policy import Token, classify, retry_delay
+from proxy.credentials.policy import REFRESH_COALESCE_S, Token, classify, retry_delay
 
 from ..conftest import wait_until
 
@@ -297,6 +297,7 @@ async def test_admin_refresh_overrides_backoff_and_reports_failure(manager_for):
     fetcher = ScriptedFetcher()
     m = manager_for(fetcher)
     await m.get()
+    await asyncio.sleep(REFRESH_COALESCE_S + 0.05)    # the operator asks a while after the start-up fetch
     fetcher.fail = FetchError(FailureKind.CREDENTIAL, 40164, "stable: invalid ip 203.0.113.7")
     with pytest.raises(TokenUnavailable, match="203.0.113.7"):
         await m.refresh_now()

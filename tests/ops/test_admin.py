@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.ops.metrics import Metrics
 
-from ..conftest import APPID, SECRET, sidecar_yaml, wait_until
+from ..conftest import APPID, SECRET, past_coalescing, sidecar_yaml, wait_until
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -105,6 +105,7 @@ async def test_admin_refresh_fetches_once_even_when_ten_ask_at_once(sim, make_si
 
 async def test_admin_refresh_beyond_the_forced_refresh_spacing_is_429_with_retry_after(sim, make_sidecar, http):
     sc = await make_sidecar(min_refresh_interval_s=30)
+    await past_coalescing()                       # a while after the start-up fetch
     async with http.post(f"{sc.admin}/admin/refresh?app=mp") as resp:
         assert resp.status == 200
     await asyncio.sleep(0.6)                      # past the coalescing window
@@ -128,6 +129,7 @@ async def test_admin_refresh_needs_the_bearer_token_when_set(sim, make_sidecar, 
     async with http.post(f"{sc.admin}/admin/refresh?app=mp", headers={"Authorization": "Bearer wrong"}) as resp:
         assert resp.status == 401
     assert sim.fetch_count() == before
+    await past_coalescing()
     async with http.post(f"{sc.admin}/admin/refresh?app=mp",
                          headers={"Authorization": "Bearer s3cret-admin"}) as resp:
         assert resp.status == 200
@@ -162,6 +164,7 @@ async def test_metrics_move_as_calls_fetches_and_replays_happen(sim, make_sideca
     async with http.get(f"{sc.base}/cgi-bin/user/info", headers={"X-WeChat-App": "nope"}) as resp:
         assert resp.status == 400
     sim.settings.token_fault = "errcode:40164"
+    await past_coalescing()                       # not the replay's refresh: a new one
     async with http.post(f"{sc.admin}/admin/refresh?app=mp") as resp:
         assert resp.status == 503 and "203.0.113.7" in (await resp.json())["errmsg"]
 

@@ -11,7 +11,7 @@ from yarl import URL
 
 from proxy.credentials import TokenUnavailable
 
-from ..conftest import APPID, APPID2, SECRET2, free_port, mini_app_yaml, sidecar_yaml, wait_until
+from ..conftest import APPID, APPID2, SECRET2, free_port, mini_app_yaml, past_coalescing, sidecar_yaml, wait_until
 
 
 def last_call(sim):
@@ -231,6 +231,7 @@ async def test_token_endpoint_down_while_token_valid_keeps_calls_working(sim, ma
     sc = await make_sidecar()
     sim.settings.token_fault = "http500"
     manager = sc.sidecar.managers["mp"]
+    await past_coalescing()
     with pytest.raises(TokenUnavailable, match="HTTP 500"):
         await manager.refresh_now()
     for _ in range(5):
