@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
+from .http.allow import AllowList, BadPattern
 from .wechat.crypto import aes_key
 
 # Upload bodies are buffered so a replay sends the same bytes. The largest
@@ -179,6 +180,9 @@ class App:
     encoding_aes_key: str | None = field(default=None, repr=False)
     max_cached_authorizers: int = DEFAULT_MAX_CACHED_AUTHORIZERS
     files: tuple[str, ...] = ()                       # every secret file read for this app
+    # The paths it may use (DESIGN.md, "Least privilege"). Not compared: a
+    # reload that changes only the list keeps the app's token manager.
+    allow: AllowList = field(default_factory=AllowList, compare=False)
 
     @property
     def store_key(self) -> str:
@@ -246,6 +250,7 @@ class Config:
                 f"  - {app.name}: appid={app.appid} token_api={app.token_api} "
                 f"upstream={app.upstream} refresh_before_s={app.refresh_before_s:g} "
                 "secret=<set>"
+                + f" allow={list(app.allow.patterns)}"
                 + (f" pushes={'on (token, encoding_aes_key set)' if app.msg_token else 'off (admin only)'} "
                    f"max_cached_authorizers={app.max_cached_authorizers}" if app.token_api == "component" else "")
             )
@@ -392,6 +397,23 @@ def _check_redis_url(url: str, file: str, key: str) -> None:
     except (ValueError, TypeError) as exc:
         # The message names the part that is wrong, never the password.
         raise ConfigError(file, key, f"not a valid Redis URL: {str(exc).split(' as ')[0]}") from None
+
+
+def _allow_list(file: str) -> Callable[[Any, str], AllowList]:
+    def conv(value: Any, key: str) -> AllowList:
+        if not isinstance(value, list):
+            raise ConfigError(file, key, f"must be a list of path patterns like \"/cgi-bin/message/*\", "
+                                         f"not {_type_name(value)}")
+        for index, entry in enumerate(value):
+            if not isinstance(entry, str):
+                raise ConfigError(file, f"{key}[{index}]", f"must be a path pattern string, not {_type_name(entry)}")
+            try:
+                AllowList([entry])
+            except BadPattern as exc:
+                raise ConfigError(file, f"{key}[{index}]", f"{exc}: an allow entry is a path pattern "
+                                                            "starting with / (e.g. /cgi-bin/message/*)") from None
+        return AllowList(value)
+    return conv
 
 
 def _host_list(file: str) -> Callable[[Any, str], tuple[str, ...]]:
@@ -659,6 +681,7 @@ def _parse_app(sec: _Section, file: str, global_upstream: str) -> App:
     aes = _secret_value(sec, file, "encoding_aes_key", files)
     has_max_cached = "max_cached_authorizers" in sec.data
     max_cached = sec.get("max_cached_authorizers", _number(file, int, 1, 10_000_000), DEFAULT_MAX_CACHED_AUTHORIZERS)
+    allow = sec.get("allow", _allow_list(file), AllowList())
     for key, given in (("token", msg_token), ("encoding_aes_key", aes),
                        ("max_cached_authorizers", has_max_cached)):
         if given and token_api != "component":
@@ -679,7 +702,7 @@ def _parse_app(sec: _Section, file: str, global_upstream: str) -> App:
         refresh_before_s=refresh_before_s, upstream=upstream,
         min_refresh_interval_s=min_interval, inject_secret=inject_secret, refresh_errcodes=codes,
         secret_file=secret_path, agentid=agentid, msg_token=msg_token, encoding_aes_key=aes,
-        max_cached_authorizers=max_cached, files=tuple(files),
+        max_cached_authorizers=max_cached, files=tuple(files), allow=allow,
     )
 
 

@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote
 from ..config import App, Config
 from ..credentials import Token, TokenManager, TokenUnavailable
 from ..credentials.kinds import TICKET_PATHS, local_kind, signing_kind
-from ..credentials.platform import Platform
+from ..credentials.platform import AUTHORIZER_APPID_RE, Platform
 from ..http.callers import check_request, host_of, is_loopback_host, normalize_path
 from ..http.client import Response, UpstreamError, UpstreamPool, UpstreamTimeout
 from ..http.replies import local_reply, sidecar_error
@@ -180,6 +180,9 @@ class Forwarder:
         }
         # A platform app's calls (Open Platform): their credential and local answers.
         self.platform_calls = PlatformCalls(self.platforms, token_answers, self.no_token_prefixes, push_answers)
+        # Pushes from WeChat forwarded here are not the app's calls: they
+        # prove themselves by their signature, and no allow list stops them.
+        self.push_paths = frozenset(push_answers or ())
         # /sidecar/jssdk's answers start with the app's names, made once:
         # (app, kind=agent) -> the JSON head; no agent head without an agentid.
         self._jssdk_heads = {(app.name, False): jssdk.head({"appId": app.appid}) for app in config.apps}
@@ -272,6 +275,11 @@ class Forwarder:
         return response
 
     async def _handle(self, request: Request, app: App, path: str) -> _Result:
+        if not app.allow.everything and not app.allow.allows(self._allow_path(app, path)) \
+                and path not in self.push_paths:
+            # Before any other check: nothing forwarded, nothing handed out.
+            return sidecar_error(403, f"{path[:256]} is not in app {app.name}'s allow list",
+                                 outcome="denied"), None, None
         manager: TokenManager | None = self.managers[app.name]
         param = "access_token"
         platform = self.platforms.get(app.name) if self.platforms else None
@@ -472,6 +480,16 @@ class Forwarder:
         return local_reply(json.dumps(payload).encode())
 
     # ------------------------------------------------------------ upstream
+
+    def _allow_path(self, app: App, path: str) -> str:
+        """The path an allow list is matched against: for a platform app's
+        authorizer call by prefix (/<app>/<authorizer appid>/...), the WeChat
+        path after the account."""
+        if app.name in self.platforms:
+            first, slash, rest = path[1:].partition("/")
+            if slash and AUTHORIZER_APPID_RE.match(first):
+                return "/" + rest
+        return path
 
     def _new_pool(self, app: App) -> UpstreamPool:
         """The pool for an upstream no call has used yet."""
