@@ -107,6 +107,7 @@ class Sidecar:
         manager.on_refresh = lambda reason: m.refreshes.labels(app.name, reason).inc()
         manager.on_fetch = lambda result: m.fetches.labels(app.name, app.token_api, result).inc()
         manager.on_rotated = lambda: m.rotated.labels(app.name).inc()
+        manager.on_ip_refused = lambda ip: m.ip_refused(app.name, ip)
         manager.make_dependent = self._credential_manager
         return manager
 
@@ -127,6 +128,7 @@ class Sidecar:
         m = self.metrics
         manager.on_refresh = lambda reason: m.refreshes.labels(manager.name, reason).inc()
         manager.on_fetch = lambda result: m.fetches.labels(app.name, kind, result).inc()
+        manager.on_ip_refused = lambda ip: m.ip_refused(app.name, ip)
         return manager
 
     def _platform(self, app: App, component: TokenManager) -> Platform:

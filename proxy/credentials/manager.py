@@ -50,7 +50,8 @@ class TokenManager:
     __slots__ = ("app", "key", "name", "dependents", "lazy", "make_dependent", "fetcher", "store", "clock", "wall",
                  "rng", "state", "refreshes", "_inflight", "_inflight_starts_at", "_wake", "_runner", "_started",
                  "_adopting", "_looked_in_store_at", "_last_force_at", "role", "on_store_down",
-                 "local_fetches_store_down", "on_refresh", "on_fetch", "on_rotated", "on_removed", "_wake_adopt",
+                 "local_fetches_store_down", "on_refresh", "on_fetch", "on_rotated", "on_removed", "on_ip_refused",
+                 "_wake_adopt",
                  "_due_for", "_due_at")
 
     def __init__(self, app: App, fetcher: Fetcher, store: TokenStore, *,
@@ -91,6 +92,7 @@ class TokenManager:
         self.on_fetch: Callable[[str], None] = _nothing
         self.on_rotated: Callable[[], None] = _nothing
         self.on_removed: Callable[[], None] = _nothing     # the credential was deleted (an authorizer)
+        self.on_ip_refused: Callable[[str], None] = _nothing   # WeChat refused our egress IP (40164)
         self._wake_adopt = False
         self._due_for: Token | None = None      # ask(): the token _due_at was worked out for
         self._due_at = float("inf")
@@ -398,6 +400,8 @@ class TokenManager:
 
     def _failed(self, kind: FailureKind, errcode: int | None, message: str, reason: str) -> None:
         failure = self.state.on_failed(kind, errcode, message, self.clock(), self.wall(), self.rng)
+        if failure.egress_ip is not None:
+            self.on_ip_refused(failure.egress_ip)
         level = logging.ERROR if kind is not FailureKind.TRANSIENT else logging.WARNING
         log.log(level, "token fetch failed: %s; next try in %.0f s",
                 failure.describe(), max(0.0, self.state.retry_at - self.clock()),
@@ -513,4 +517,5 @@ class TokenManager:
             "fetches_failed": self.state.fetches_failed,
             "refreshes": dict(self.refreshes),
             "next_retry_in_s": round(max(0.0, self.state.retry_at - now), 1) if self.state.retry_at else None,
+            **({"egress_ip_not_whitelisted": ip} if (ip := self.state.egress_ip_not_whitelisted()) else {}),
         }

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import enum
 import functools
+import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,6 +76,27 @@ QUOTA_ERRCODES = frozenset({45009})
 RATE_LIMIT_ERRCODES = frozenset({45011, 45033})
 
 
+# "The caller's IP is not whitelisted": WeChat's 40164 ("invalid ip
+# 203.0.113.7 ipv6 ::ffff:203.0.113.7, not in whitelist rid: ...") and WeCom's
+# 60020 ("not allow to access from your ip, ... from ip: 203.0.113.7") name
+# the egress IP WeChat saw: the one an operator must whitelist.
+IP_NOT_WHITELISTED = frozenset({40164, 60020})
+_EGRESS_IP = re.compile(r"(?:invalid ip|from ip:?)\s+([0-9a-fA-F.:]+[0-9a-fA-F])")
+
+
+def egress_ip(errcode: int | None, message: str) -> str | None:
+    """The egress IP a not-whitelisted answer names, or None."""
+    if errcode not in IP_NOT_WHITELISTED:
+        return None
+    match = _EGRESS_IP.search(message)
+    if match is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(match.group(1)))
+    except ValueError:
+        return None
+
+
 def classify(errcode: int | None) -> FailureKind:
     if errcode in CREDENTIAL_ERRCODES:
         return FailureKind.CREDENTIAL
@@ -128,6 +151,11 @@ class FetchFailure:
     def describe(self) -> str:
         code = f"{self.errcode}: " if self.errcode is not None else ""
         return f"{code}{self.message}"
+
+    @functools.cached_property
+    def egress_ip(self) -> str | None:
+        """The egress IP WeChat refused (40164 / 60020), if this was that."""
+        return egress_ip(self.errcode, self.message)
 
 
 def refresh_due_at(token: Token, refresh_before_s: float) -> float:
@@ -206,6 +234,13 @@ class TokenState:
         """A call with `value` succeeded: a refresh that brought it helped."""
         if self.token is not None and self.token.value == value:
             self.served = True
+
+    def egress_ip_not_whitelisted(self) -> str | None:
+        """The IP WeChat refused at the last fetch, unless a fetch succeeded since."""
+        failure, token = self.last_failure, self.token
+        if failure is None or (token is not None and token.fetched_at > failure.at):
+            return None
+        return failure.egress_ip
 
     def unavailable_reason(self, now: float) -> str:
         if self.token is not None and self.token.value == self.rejected:

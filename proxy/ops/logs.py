@@ -13,7 +13,7 @@ import time
 
 # Extra fields a log call may carry (`extra={...}`); anything else is dropped.
 FIELDS = ("event", "app", "request_id", "method", "path", "status", "errcode", "duration_s",
-          "replayed", "reason", "failure")
+          "replayed", "reason", "failure", "ip")
 
 _SECRET_RE = re.compile(r"((?:access_token|secret|corpsecret|appsecret)[\"']?\s*[=:]\s*[\"']?)[^&\s\"',}]+",
                         re.IGNORECASE)

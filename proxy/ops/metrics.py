@@ -8,6 +8,7 @@ name they use is one this module writes.
 """
 from __future__ import annotations
 
+import logging
 import time
 from bisect import bisect_left as _bisect_left
 from typing import TYPE_CHECKING
@@ -16,12 +17,14 @@ if TYPE_CHECKING:
     from ..credentials import TokenManager, TokenStore
     from ..credentials.platform import Platform
 
+log = logging.getLogger("proxy.metrics")
+
 # Buckets for one proxied call: sub-millisecond overhead up to WeChat's
 # slow answers and the 15 s default upstream timeout.
 CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30)
 
 OUTCOMES = ("ok", "wechat_error", "token_rejected", "no_token", "upstream_unreachable",
-            "upstream_timeout", "bad_request", "passthrough")
+            "upstream_timeout", "bad_request", "passthrough", "forbidden", "denied")
 
 # The Prometheus text format 0.0.4 is written here directly: a handful of
 # families need no client library (prometheus_client cost 1 MiB of RSS in
@@ -108,7 +111,7 @@ class Metrics:
         self.fetches = Family("wts_token_fetches", "Token fetches from WeChat, by app, api and result "
                               "(ok, credential, transient, quota, rate_limit)", "counter", ("app", "api", "result"))
         self.refreshes = Family("wts_token_refreshes", "Token refreshes started, by reason "
-                                "(startup, proactive, errcode, admin, demand, retry)", "counter", ("app", "reason"))
+                                "(startup, proactive, errcode, admin, sdk_force, demand, retry)", "counter", ("app", "reason"))
         self.replays = Family("wts_replays", "Calls replayed after a token error, by errcode", "counter",
                               ("app", "errcode"))
         self.rotated = Family("wts_token_rotated_elsewhere", "Current tokens refused by WeChat before we "
@@ -118,6 +121,7 @@ class Metrics:
         self.authorizers = Family("wts_authorizers_registered", "Authorizers registered with a platform app "
                                   "(in the store)", "gauge", ("app",))
         self._managers: dict[str, "TokenManager"] = {}
+        self.refused_ips: set[str] = set()       # egress IPs WeChat refused, each logged once
         self._store: "TokenStore | None" = None
         self._platforms: dict[str, "Platform"] = {}
 
@@ -129,6 +133,16 @@ class Metrics:
         counts[outcome] = counts.get(outcome, 0) + 1
         calls.buckets[_bisect_left(CALL_BUCKETS, seconds)] += 1
         calls.seconds += seconds
+
+    def ip_refused(self, app: str, ip: str) -> None:
+        """WeChat refused this egress IP (40164): say so once per IP, in words
+        an operator acts on (the fetch failures keep being logged as such)."""
+        if ip not in self.refused_ips:
+            self.refused_ips.add(ip)
+            log.warning("WeChat refuses calls from this sidecar's egress IP %s (40164: not whitelisted): add it "
+                        "to the account's IP whitelist (Official Account platform: Settings and Development > "
+                        "Basic configuration > IP whitelist)", ip,
+                        extra={"event": "egress_ip_not_whitelisted", "app": app, "ip": ip})
 
     def watch(self, managers: dict[str, "TokenManager"], store: "TokenStore",
               platforms: "dict[str, Platform] | None" = None) -> None:
@@ -163,6 +177,14 @@ class Metrics:
             expires.labels(name).set(max(0.0, token.expires_at - now) if token else 0.0)
             usable.labels(name).set(1.0 if manager.state.usable(now) else 0.0)
         parts += (expires.render(), usable.render())
+        refused = Family("wts_egress_ip_not_whitelisted", "1 while the last token or ticket fetch was refused "
+                         "because WeChat does not whitelist this egress IP (40164 / 60020)", "gauge", ("app", "ip"))
+        for name, manager in self._managers.items():
+            for held in (manager, *manager.dependents.values()):
+                ip = held.state.egress_ip_not_whitelisted()
+                if ip is not None:
+                    refused.labels(name, ip).set(1.0)
+        parts.append(refused.render())
         calls = Family("wts_calls", "Calls forwarded, by app and outcome", "counter", ("app", "outcome"))
         for app, per_app in self.calls.items():
             for outcome, count in per_app.by_outcome.items():

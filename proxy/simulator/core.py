@@ -44,6 +44,7 @@ class SimSettings:
     latency_s: float = 0.0           # added to business calls
     token_latency_s: float = 0.0     # added to token calls
     token_fault: str = ""            # "", http500, busy, garbage, html, empty, no_token, absurd_expires, errcode:N
+    egress_ip: str = "203.0.113.7"   # the caller's IP as WeChat names it in 40164 (not whitelisted)
     error_content_type: str = "application/json; encoding=utf-8"
     reject_all: bool = False         # every business call answers 40001
     wecom_errors: bool = False       # answer bad tokens as WeCom does: 40014, not 40001 (§8)
@@ -253,7 +254,8 @@ class SimCore:
             return self._json({"access_token": "X" * 40, "expires_in": -5})
         if fault.startswith("errcode:"):
             code = int(fault.split(":", 1)[1])
-            msg = {40164: "invalid ip 203.0.113.7 ipv6 ::ffff:203.0.113.7, not in whitelist",
+            ip = self.settings.egress_ip
+            msg = {40164: f"invalid ip {ip} ipv6 ::ffff:{ip}, not in whitelist rid: 6751a3f2-0b1c2d3e-4f5a6b7c",
                    45009: "reach max api daily quota limit", 45011: "api minute-quota reach limit"
                    }.get(code, "simulated error")
             return self._error(code, msg)
