@@ -120,6 +120,17 @@ class Admin:
 class Upstream:
     base_url: str
     timeout_s: float
+    # Egress (DESIGN.md, "Egress"): an HTTP CONNECT proxy for every
+    # connection to WeChat, extra CAs for TLS to it, and WeChat's
+    # disaster-recovery hosts for base_url. All take effect at start.
+    proxy: str = field(default="", repr=False)       # http://[user:pass@]host:port; may carry a password
+    ca_file: str = ""
+    fallback: tuple[str, ...] = ()
+
+    @property
+    def safe_proxy(self) -> str:
+        """The proxy URL for logs and `check`: any password masked."""
+        return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", self.proxy)
 
 
 @dataclass(frozen=True)
@@ -235,7 +246,10 @@ class Config:
             f"listen: {self.listen.host}:{self.listen.port}",
             f"admin:  {self.admin.host}:{self.admin.port} "
             f"(admin token {'set' if self.admin.token else 'not set'})",
-            f"upstream: {self.upstream.base_url} (timeout {self.upstream.timeout_s:g} s)",
+            f"upstream: {self.upstream.base_url} (timeout {self.upstream.timeout_s:g} s)"
+            + (f", proxy {self.upstream.safe_proxy}" if self.upstream.proxy else "")
+            + (f", ca_file {self.upstream.ca_file}" if self.upstream.ca_file else "")
+            + (f", fallback {', '.join(self.upstream.fallback)}" if self.upstream.fallback else ""),
             f"store: {self.store.kind}" + (
                 f" ({self.store.safe_url}, prefix {self.store.key_prefix!r}, role {self.store.role}, "
                 f"on_store_down {self.store.on_store_down})" if self.store.kind == "redis" else "")
@@ -397,6 +411,49 @@ def _check_redis_url(url: str, file: str, key: str) -> None:
     except (ValueError, TypeError) as exc:
         # The message names the part that is wrong, never the password.
         raise ConfigError(file, key, f"not a valid Redis URL: {str(exc).split(' as ')[0]}") from None
+
+
+def _proxy_url(file: str) -> Callable[[Any, str], str]:
+    """http://[user:pass@]host:port, or empty (no proxy: `${HTTPS_PROXY:-}`)."""
+    def conv(value: Any, key: str) -> str:
+        text = _str(file, allow_empty=True)(value, key).strip()
+        if not text:
+            return ""
+        match = re.match(r"^http://(?:([^:@/\s]*)(?::([^@/\s]*))?@)?([^:@/\s]+|\[[0-9a-fA-F:.]+\]):(\d{1,5})/?$", text)
+        if match is None or not 0 < int(match.group(4)) < 65536:
+            shown = re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", text)
+            raise ConfigError(file, key, f"must be http://[user:pass@]host:port (an HTTP CONNECT proxy), "
+                                         f"got {shown!r}")
+        return text
+    return conv
+
+
+def _ca_file(file: str) -> Callable[[Any, str], str]:
+    """A PEM file of CA certificates, read and checked now (trusted besides the system's)."""
+    def conv(value: Any, key: str) -> str:
+        path = _str(file)(value, key)
+        try:
+            pem = read_small_file(path, MAX_CONFIG_BYTES).decode("ascii")
+        except FileRefused as exc:
+            raise ConfigError(file, key, f"{path} {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(file, key, f"cannot read {path}: {exc.__class__.__name__}") from None
+        import ssl
+        try:
+            ssl.create_default_context().load_verify_locations(cadata=pem)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(file, key, f"{path} holds no valid PEM CA certificate ({exc.__class__.__name__})") \
+                from None
+        return path
+    return conv
+
+
+def _url_list(file: str) -> Callable[[Any, str], tuple[str, ...]]:
+    def conv(value: Any, key: str) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise ConfigError(file, key, f"must be a list of URLs, not {_type_name(value)}")
+        return tuple(_url(file)(item, f"{key}[{i}]") for i, item in enumerate(value))
+    return conv
 
 
 def _allow_list(file: str) -> Callable[[Any, str], AllowList]:
@@ -573,6 +630,9 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
     upstream = Upstream(
         base_url=up_s.get("base_url", _url(file), DEFAULT_UPSTREAMS["stable"]),
         timeout_s=up_s.get("timeout_s", _number(file, float, 0.1, 600), 15.0),
+        proxy=up_s.get("proxy", _proxy_url(file), ""),
+        ca_file=up_s.get("ca_file", _ca_file(file), ""),
+        fallback=up_s.get("fallback", _url_list(file), ()),
     )
     up_s.done()
 

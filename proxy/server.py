@@ -26,6 +26,7 @@ from .credentials.platform import (
     authorizer_key,
 )
 from .http.client import UpstreamPool
+from .http.egress import Egress, EgressSession
 from .http.server import HttpServer, Reply, Request
 from .inbound.component_push import COMPONENT_EVENT_PATH, ComponentPushes
 from .ops.admin import AdminRoutes, admin_error
@@ -63,6 +64,7 @@ class Sidecar:
         self.forwarder: Forwarder | None = None
         self.metrics = Metrics()
         self.pools: dict[str, UpstreamPool] = {}   # business calls, by upstream base URL
+        self.egress: Egress | None = None
         self.access = AccessLog(config.log.format, on=config.log.access)
         self._retired: set[asyncio.Task[None]] = set()
 
@@ -70,8 +72,12 @@ class Sidecar:
         cfg = self.config
         timeout = aiohttp.ClientTimeout(sock_connect=cfg.upstream.timeout_s,
                                         sock_read=cfg.upstream.timeout_s)
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=10, ttl_dns_cache=300),   # token fetches only
+        # Every connection to WeChat goes out through one egress: the proxy,
+        # the CAs and the fallback hosts (token fetches and business calls alike).
+        self.egress = Egress(cfg.upstream.base_url, cfg.upstream.fallback, cfg.upstream.proxy, cfg.upstream.ca_file)
+        self.metrics.egress = self.egress
+        self.session = EgressSession(  # type: ignore[assignment]
+            self.egress,
             timeout=timeout,
             auto_decompress=False,              # bytes pass through as WeChat sent them
             cookie_jar=aiohttp.DummyCookieJar(),  # apps' cookies are not ours to keep
@@ -93,7 +99,7 @@ class Sidecar:
         reached there at /sidecar/component/event."""
         pushes = ComponentPushes(platforms)
         return Forwarder(cfg, managers, self.pools, self.metrics, self.access, platforms,
-                         push_answers={COMPONENT_EVENT_PATH: pushes.handle})
+                         push_answers={COMPONENT_EVENT_PATH: pushes.handle}, egress=self.egress)
 
     def _manager(self, app: App) -> TokenManager:
         assert self.session is not None and self.store is not None
@@ -177,12 +183,16 @@ class Sidecar:
                            ("admin host/port", (old.admin.host, old.admin.port) == (new.admin.host, new.admin.port)),
                            ("store", old.store == new.store),
                            ("upstream.timeout_s", old.upstream.timeout_s == new.upstream.timeout_s),
+                           ("upstream.proxy", old.upstream.proxy == new.upstream.proxy),
+                           ("upstream.ca_file", old.upstream.ca_file == new.upstream.ca_file),
+                           ("upstream.fallback", old.upstream.fallback == new.upstream.fallback),
                            ("max_body_bytes", old.max_body_bytes == new.max_body_bytes)):
             if not same:
                 kept.append(name)
         effective = replace(new, listen=old.listen, store=old.store, max_body_bytes=old.max_body_bytes,
                             admin=replace(new.admin, host=old.admin.host, port=old.admin.port),
-                            upstream=replace(new.upstream, timeout_s=old.upstream.timeout_s))
+                            upstream=replace(new.upstream, timeout_s=old.upstream.timeout_s, proxy=old.upstream.proxy,
+                                             ca_file=old.upstream.ca_file, fallback=old.upstream.fallback))
         managers: dict[str, TokenManager] = {}
         started: list[TokenManager] = []
         for app in effective.apps:

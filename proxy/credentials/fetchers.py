@@ -66,6 +66,9 @@ class HttpFetcher:
                 status = resp.status
         except asyncio.TimeoutError:
             raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: timed out") from None
+        except aiohttp.ClientHttpProxyError as exc:
+            raise FetchError(FailureKind.TRANSIENT, None, f"{self.api}: the egress proxy refused the tunnel: "
+                                                          f"{exc.status} {exc.message}".rstrip()) from None
         except aiohttp.ClientConnectorError as exc:
             raise FetchError(FailureKind.TRANSIENT, None,
                              f"{self.api}: cannot connect to {exc.host}:{exc.port} ({exc.os_error.strerror or exc.os_error})") from None

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from .egress import Egress, TunnelRefused
+
 # A connection buffers at most this much answer body before it stops reading
 # from the socket until the app has taken some (a 20 MiB download streams).
 HIGH_WATER = 256 * 1024
@@ -54,6 +56,11 @@ class UpstreamConnectError(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     pass
+
+
+class UpstreamConnectTimeout(UpstreamTimeout, UpstreamConnectError):
+    """No connection within the timeout: a timeout (504) and a connection
+    never made (a fallback host may be tried)."""
 
 
 class Response:
@@ -367,8 +374,10 @@ class UpstreamPool:
     """Keep-alive connections to one upstream; beyond `limit` calls queue."""
 
     def __init__(self, base_url: str, timeout_s: float, limit: int = 100,
-                 ssl_context: ssl.SSLContext | None = None, drop: Iterable[bytes] = ()):
+                 ssl_context: ssl.SSLContext | None = None, drop: Iterable[bytes] = (),
+                 egress: "Egress | None" = None):
         parts = urlsplit(base_url)
+        self.base = base_url.rstrip("/")
         self.scheme = parts.scheme
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if self.scheme == "https" else 80)
@@ -376,6 +385,9 @@ class UpstreamPool:
         self.host_header = (self.host if default_port else f"{self.host}:{self.port}").encode("idna")
         self.base_path = parts.path.rstrip("/")
         self.timeout = timeout_s
+        self.egress = egress          # a CONNECT proxy on the way, if any (egress.py)
+        if ssl_context is None and egress is not None:
+            ssl_context = egress.ssl
         self.ssl = (ssl_context or ssl.create_default_context()) if self.scheme == "https" else None
         self.loop = asyncio.get_running_loop()
         self._idle: list[_Connection] = []
@@ -437,15 +449,23 @@ class UpstreamPool:
 
     async def _connect(self) -> _Connection:
         try:
-            _, conn = await asyncio.wait_for(self.loop.create_connection(
-                lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
-                server_hostname=self.host if self.ssl else None), self.timeout)
+            if self.egress is not None and self.egress.proxy is not None:
+                conn = await asyncio.wait_for(self.egress.open(
+                    self.host, self.port, self.ssl is not None, lambda: _Connection(self)), self.timeout)
+            else:
+                _, conn = await asyncio.wait_for(self.loop.create_connection(
+                    lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
+                    server_hostname=self.host if self.ssl else None), self.timeout)
         except asyncio.TimeoutError:
-            raise UpstreamTimeout(f"connecting to upstream {self.host}:{self.port} timed out") from None
-        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamConnectTimeout(f"connecting to upstream {self.host}:{self.port} timed out") from None
+        except TunnelRefused as exc:
+            why = f"the egress proxy refused the tunnel to {self.host}:{self.port}: {exc.status} {exc.reason}".rstrip()
+            raise (UpstreamConnectError(why) if exc.is_connect_failure else UpstreamError(why)) from None
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             reason = getattr(exc, "strerror", None) or exc.__class__.__name__
-            raise UpstreamConnectError(f"cannot connect to upstream {self.host}:{self.port} ({reason})") from None
-        return conn
+            via = " through the egress proxy" if self.egress is not None and self.egress.proxy is not None else ""
+            raise UpstreamConnectError(f"cannot connect to upstream {self.host}:{self.port}{via} ({reason})") from None
+        return conn  # type: ignore[return-value]
 
     def _build(self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> bytes:
         head = [f"{method} {self.base_path}{target}".encode("latin-1"), self._host_line]

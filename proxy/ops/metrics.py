@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_left as _bisect_left
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..credentials import TokenManager, TokenStore
@@ -122,6 +122,7 @@ class Metrics:
                                   "(in the store)", "gauge", ("app",))
         self._managers: dict[str, "TokenManager"] = {}
         self.refused_ips: set[str] = set()       # egress IPs WeChat refused, each logged once
+        self.egress: Any = None                  # http.egress.Egress: host switches
         self._store: "TokenStore | None" = None
         self._platforms: dict[str, "Platform"] = {}
 
@@ -205,6 +206,10 @@ class Metrics:
                      "what wts_token_fetches_today is measured against", "gauge", ())
         cap.labels().set(getattr(self._store, "daily_fetch_cap", 0))
         parts.append(cap.render())
+        switches = Family("wts_upstream_host_switches", "Calls and fetches moved to another upstream host "
+                          "(upstream.fallback) because a connection could not be made", "counter", ())
+        switches.labels().set(getattr(self.egress, "switches", 0))
+        parts.append(switches.render())
         errors = Family("wts_store_errors", "Errors talking to the shared token store", "counter", ())
         errors.labels().set(getattr(self._store, "errors", 0))
         parts.append(errors.render())

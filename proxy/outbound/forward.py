@@ -21,7 +21,8 @@ from ..credentials import Token, TokenManager, TokenUnavailable
 from ..credentials.kinds import TICKET_PATHS, local_kind, signing_kind
 from ..credentials.platform import AUTHORIZER_APPID_RE, Platform
 from ..http.callers import check_request, host_of, is_loopback_host, normalize_path
-from ..http.client import Response, UpstreamError, UpstreamPool, UpstreamTimeout
+from ..http.client import Response, UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamTimeout
+from ..http.egress import Egress
 from ..http.replies import local_reply, sidecar_error
 from ..http.server import BodyError, Header, Reply, Request
 from ..ops.logs import AccessLog
@@ -154,8 +155,10 @@ class Forwarder:
     def __init__(self, config: Config, managers: dict[str, TokenManager],
                  pools: dict[str, UpstreamPool], metrics: Metrics | None = None,
                  access: AccessLog | None = None, platforms: dict[str, Platform] | None = None,
-                 push_answers: dict[str, Handler] | None = None):
+                 push_answers: dict[str, Handler] | None = None, egress: Egress | None = None):
         self.config = config
+        self.egress = egress
+        self._fallbacks = egress is not None and len(egress.hosts) > 1
         self.managers = managers
         self.platforms = platforms or {}
         self.pools = pools
@@ -344,7 +347,8 @@ class Forwarder:
                         token: Token | None, manager: TokenManager | None, app: App, path: str,
                         raw_query: str, param: str = "access_token") -> _Result:
         """Send; on a token errcode (with a token), invalidate it and replay once."""
-        pool = self.pools.get(app.upstream) or self._new_pool(app)
+        base = app.upstream if not self._fallbacks else self.egress.bases(app.upstream)[0]  # type: ignore[union-attr]
+        pool = self.pools.get(base) or self._new_pool(base)
         refresh_codes = self.refresh_codes[app.name]
         method = request.method
         try:
@@ -491,10 +495,10 @@ class Forwarder:
                 return "/" + rest
         return path
 
-    def _new_pool(self, app: App) -> UpstreamPool:
+    def _new_pool(self, base: str) -> UpstreamPool:
         """The pool for an upstream no call has used yet."""
-        pool = self.pools[app.upstream] = UpstreamPool(app.upstream, self.config.upstream.timeout_s,
-                                                       UPSTREAM_POOL_LIMIT, drop=HOP_BY_HOP_BYTES)
+        pool = self.pools[base] = UpstreamPool(base, self.config.upstream.timeout_s, UPSTREAM_POOL_LIMIT,
+                                               drop=HOP_BY_HOP_BYTES, egress=self.egress)
         return pool
 
     @staticmethod
@@ -513,11 +517,12 @@ class Forwarder:
         its errcode; a large one (it cannot be a token error) is left to stream."""
         try:
             resp = await pool.request(method, target, headers, body)
+        except UpstreamConnectError as exc:
+            # No connection to this host: nothing was written; WeChat's
+            # fallback hosts (upstream.fallback) are tried in turn.
+            resp = await self._fallback(pool, method, target, headers, body, exc)
         except UpstreamTimeout as exc:
-            why = f"upstream timed out after {self.config.upstream.timeout_s:g} s"
-            if "free" in str(exc):
-                why += f": {exc}"
-            raise _UpstreamFailed(sidecar_error(504, why)) from None
+            raise _UpstreamFailed(self._timed_out(exc)) from None
         except UpstreamError as exc:
             raise _UpstreamFailed(sidecar_error(502, str(exc))) from None
         length = resp.content_length
@@ -544,6 +549,40 @@ class Forwarder:
                 resp.release()          # whatever went wrong, the pooled connection is given back
                 raise
         return resp, data, complete, errcode, errmsg
+
+    def _timed_out(self, exc: UpstreamTimeout) -> Reply:
+        why = f"upstream timed out after {self.config.upstream.timeout_s:g} s"
+        if "free" in str(exc):
+            why += f": {exc}"
+        return sidecar_error(504, why)
+
+    async def _fallback(self, pool: UpstreamPool, method: str, target: str, headers: list[Header], body: bytes,
+                        exc: UpstreamConnectError) -> Response:
+        """The next hosts for a call whose host could not be connected to."""
+        egress = self.egress
+        bases = egress.bases(pool.base) if egress is not None else (pool.base,)
+        tried = bases.index(pool.base) if pool.base in bases else len(bases) - 1
+        if egress is not None:
+            egress.connect_failed(pool.base, moving_on=tried + 1 < len(bases))
+        for index in range(tried + 1, len(bases)):
+            base = bases[index]
+            try:
+                resp = await (self.pools.get(base) or self._new_pool(base)).request(method, target, headers, body)
+            except UpstreamConnectError as again:
+                assert egress is not None
+                egress.connect_failed(base, moving_on=index + 1 < len(bases))
+                exc = again
+                continue
+            except UpstreamTimeout as late:
+                raise _UpstreamFailed(self._timed_out(late)) from None
+            except UpstreamError as broke:
+                raise _UpstreamFailed(sidecar_error(502, str(broke))) from None
+            assert egress is not None
+            egress.connected(base)
+            return resp
+        if isinstance(exc, UpstreamTimeout):
+            raise _UpstreamFailed(self._timed_out(exc)) from None
+        raise _UpstreamFailed(sidecar_error(502, str(exc))) from None
 
     @staticmethod
     def _errcode(resp: Response, data: bytes, refresh_codes: frozenset[int]) -> tuple[int | None, str]:
