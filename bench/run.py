@@ -310,13 +310,20 @@ def replays(metrics_url: str) -> float:
                if line.startswith("wts_replays_total"))
 
 
-def sidecar_config(tmp: Path, name: str, upstream: str, store: str) -> tuple[Path, int, int]:
+TUNNEL = "sidecar through a CONNECT proxy"
+
+
+def by_name(targets: list["Target"], name: str) -> "Target":
+    return next(t for t in targets if t.name == name)
+
+
+def sidecar_config(tmp: Path, name: str, upstream: str, store: str, extra: str = "") -> tuple[Path, int, int]:
     port, admin = free_port(), free_port()
     path = tmp / f"{name}.yaml"
     path.write_text(f"""
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin}}}
-upstream: {{base_url: "{upstream}", timeout_s: 15}}
+upstream: {{base_url: "{upstream}", timeout_s: 15{extra}}}
 store: {store}
 apps:
   - {{name: mp, appid: wxbench, secret: bench-secret, token_api: stable}}
@@ -371,6 +378,20 @@ def main() -> int:
             targets.append(Target(f"sidecar, store: {name}", f"http://127.0.0.1:{port}", proc.pid))
             admins[targets[-1].name] = f"http://127.0.0.1:{admin}/metrics"
 
+        # The same sidecar behind a corporate egress: every connection an HTTP
+        # CONNECT tunnel through a proxy process (pinned beside nginx), to a
+        # host name only the proxy can resolve.
+        cx = free_port()
+        stack.enter_context(process(pinned([PY, str(ROOT / "bench" / "connect_proxy.py"), str(cx), "wechat.bench",
+                                            str(up), str(up)], 1), env=env))
+        time.sleep(0.5)
+        path, port, admin = sidecar_config(tmp, "tunnel", f"http://wechat.bench:{up}", "{kind: memory}",
+                                           extra=f', proxy: "http://127.0.0.1:{cx}"')
+        proc = stack.enter_context(process(pinned([PY, "-m", "proxy", "run", "--config", str(path)], 0),
+                                           cwd=ROOT, env=env))
+        wait_http(f"http://127.0.0.1:{admin}/readyz")
+        targets.append(Target(TUNNEL, f"http://127.0.0.1:{port}", proc.pid))
+
         for target in targets:
             target.warm_up()
         for n in range(args.rounds):
@@ -386,7 +407,7 @@ def main() -> int:
         # store: redis against store: memory, both at once on the same core:
         # whatever the machine's speed does, it does to both, and the ratio of
         # their throughputs is the ratio of their costs per call.
-        memory, redis = targets[-2], targets[-1]
+        memory, redis = by_name(targets, "sidecar, store: memory"), by_name(targets, "sidecar, store: redis")
         together: list[float] = []
         for n in range(args.rounds):
             print(f"redis and memory side by side {n + 1}/{args.rounds}", flush=True)
@@ -445,6 +466,8 @@ def main() -> int:
             side.get("getticket_vs_forwarded", float("nan")),
         "/sidecar/jssdk / forwarded JSON GET throughput (target >= 1.0)":
             side.get("jssdk_vs_forwarded", float("nan")),
+        "sidecar CPU per call through a CONNECT tunnel / direct (target <= 1.2)":
+            paired("cpu_us_per_call", TUNNEL, SIDE, ratio),
     }
     targets_met = {
         "throughput_2x": figures["throughput vs minimal aiohttp proxy (target >= 2.0)"] >= 2.0,
@@ -458,6 +481,7 @@ def main() -> int:
         "getticket_as_fast_as_forwarded": figures[
             "getticket answered locally / forwarded JSON GET throughput (target >= 1.0)"] >= 1.0,
         "jssdk_as_fast_as_forwarded": figures["/sidecar/jssdk / forwarded JSON GET throughput (target >= 1.0)"] >= 1.0,
+        "tunnel_cpu_1.2x": figures["sidecar CPU per call through a CONNECT tunnel / direct (target <= 1.2)"] <= 1.2,
         "redis_0.95": figures["store: redis / store: memory throughput, side by side on one core (target >= 0.95)"]
         >= 0.95,
     }

@@ -8,6 +8,7 @@ import base64
 import datetime
 import ssl
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from cryptography import x509
@@ -53,7 +54,7 @@ class ConnectProxy:
                 f"{self.credentials[0]}:{self.credentials[1]}".encode()).decode()
             self.seen.append((target, bool(given)))
             if method != "CONNECT":
-                writer.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                await self._forward(method, target, lines, reader, writer)
                 return
             if not ok_auth:
                 writer.write(b'HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm="corp"'
@@ -77,6 +78,24 @@ class ConnectProxy:
             pass
         finally:
             writer.close()
+
+
+    async def _forward(self, method: str, target: str, lines: list[str], reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+        """An absolute-form request (what HTTP clients send a proxy for an
+        http:// URL): sent on to the mapped host in origin form, and the
+        rest of the connection piped."""
+        parts = urlsplit(target)
+        route = self.routes.get((parts.hostname or "", parts.port or 80))
+        if parts.scheme != "http" or route is None:
+            writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+            return
+        up_reader, up_writer = await asyncio.open_connection(*route)
+        origin = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        kept = [l for l in lines[1:] if l and not l.lower().startswith("proxy-")]
+        up_writer.write(f"{method} {origin} HTTP/1.1\r\n".encode("latin-1")
+                        + "".join(f"{l}\r\n" for l in kept).encode("latin-1") + b"\r\n")
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
