@@ -173,6 +173,28 @@ class Log:
 
 
 @dataclass(frozen=True)
+class Callbacks:
+    """The third listener: push intake only, the one meant to face the internet."""
+    host: str
+    port: int
+
+
+# An app answers WeChat's push within this long, or WeChat hears `success`
+# while delivery goes on (WeChat waits 5 s, then retries: push notes §5-6).
+DEFAULT_REPLY_WITHIN_S = 4.0
+
+
+@dataclass(frozen=True)
+class Push:
+    """Where an app's pushes are delivered, and the message token and
+    EncodingAESKey they are checked and decrypted with."""
+    deliver_to: str
+    token: str = field(default="", repr=False)
+    encoding_aes_key: str | None = field(default=None, repr=False)
+    reply_within_s: float = DEFAULT_REPLY_WITHIN_S
+
+
+@dataclass(frozen=True)
 class App:
     name: str
     appid: str
@@ -194,6 +216,7 @@ class App:
     # The paths it may use (DESIGN.md, "Least privilege"). Not compared: a
     # reload that changes only the list keeps the app's token manager.
     allow: AllowList = field(default_factory=AllowList, compare=False)
+    push: Push | None = None                          # pushes to this app (the callbacks listener)
 
     @property
     def store_key(self) -> str:
@@ -217,6 +240,7 @@ class Config:
     apps: tuple[App, ...]
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     log: Log = Log()
+    callbacks: Callbacks | None = None                # absent: no callbacks listener
     client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S
     no_token_paths: tuple[str, ...] = ()
     reload_poll_s: float = DEFAULT_RELOAD_POLL_S
@@ -257,6 +281,7 @@ class Config:
             f"refresh_errcodes: {sorted(self.refresh_errcodes)}",
             f"pass_token_errors: {str(self.pass_token_errors).lower()}",
             f"max_body_bytes: {self.max_body_bytes}",
+            f"callbacks: {self.callbacks.host}:{self.callbacks.port}" if self.callbacks else "callbacks: off",
             f"apps ({len(self.apps)}; the first is the default route):",
         ]
         for app in self.apps:
@@ -265,6 +290,9 @@ class Config:
                 f"upstream={app.upstream} refresh_before_s={app.refresh_before_s:g} "
                 "secret=<set>"
                 + f" allow={list(app.allow.patterns)}"
+                + (f" push=deliver_to {app.push.deliver_to} "
+                   f"({'encrypted modes' if app.push.encoding_aes_key else 'plaintext mode only'})"
+                   if app.push else "")
                 + (f" pushes={'on (token, encoding_aes_key set)' if app.msg_token else 'off (admin only)'} "
                    f"max_cached_authorizers={app.max_cached_authorizers}" if app.token_api == "component" else "")
             )
@@ -685,6 +713,13 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
 
     no_token_paths = top.get("no_token_paths", paths, ())
 
+    callbacks = None
+    if "callbacks" in top.data:
+        cb_s = top.section("callbacks")
+        callbacks = Callbacks(host=cb_s.get("host", _str(file), "0.0.0.0"),
+                              port=cb_s.get("port", _number(file, int, 0, 65535), 8081))
+        cb_s.done()
+
     apps_raw = top.data.pop("apps", None)
     if not isinstance(apps_raw, list) or not apps_raw:
         raise ConfigError(file, "apps", "must be a non-empty list of apps")
@@ -696,6 +731,9 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
         if app.name in seen:
             raise ConfigError(file, f"apps[{index}].name", f"duplicate app name {app.name!r}")
         seen.add(app.name)
+        if app.push is not None and callbacks is None:
+            raise ConfigError(file, f"apps[{index}].push", "pushes arrive on the callbacks listener: "
+                                                           "add callbacks: {host: 0.0.0.0, port: 8081}")
     top.done()
 
     return Config(
@@ -703,6 +741,7 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
         refresh_errcodes=refresh_errcodes, pass_token_errors=pass_token_errors,
         max_body_bytes=max_body_bytes, apps=tuple(apps), shutdown_grace_s=shutdown_grace_s, log=log,
         client_timeout_s=client_timeout_s, no_token_paths=no_token_paths, reload_poll_s=reload_poll_s,
+        callbacks=callbacks,
     )
 
 
@@ -756,14 +795,48 @@ def _parse_app(sec: _Section, file: str, global_upstream: str) -> App:
         except ValueError as exc:
             raise ConfigError(file, sec.path("encoding_aes_key"),
                               f"the platform's EncodingAESKey {exc}") from None
+    push = _parse_push(sec.section("push"), file, token_api, msg_token, aes, files) if "push" in sec.data else None
     sec.done()
     return App(
-        name=name, appid=appid, secret=secret, token_api=token_api,
+        name=name, appid=appid, secret=secret, token_api=token_api, push=push,
         refresh_before_s=refresh_before_s, upstream=upstream,
         min_refresh_interval_s=min_interval, inject_secret=inject_secret, refresh_errcodes=codes,
         secret_file=secret_path, agentid=agentid, msg_token=msg_token, encoding_aes_key=aes,
         max_cached_authorizers=max_cached, files=tuple(files), allow=allow,
     )
+
+
+def _parse_push(sec: _Section, file: str, token_api: str, platform_token: str | None, platform_aes: str | None,
+                files: list[str]) -> Push:
+    """push: {deliver_to, token, encoding_aes_key, reply_within_s}; a
+    platform app's pushes use its own token and key."""
+    deliver_to = sec.get("deliver_to", _url(file))
+    reply_within_s = sec.get("reply_within_s", _number(file, float, 0.1, 4.9), DEFAULT_REPLY_WITHIN_S)
+    if token_api == "component":
+        for key in ("token", "encoding_aes_key", "token_file", "encoding_aes_key_file"):
+            if key in sec.data:
+                raise ConfigError(file, sec.path(key), "a platform app's pushes use its own token and "
+                                                       "encoding_aes_key (keys of the app, not of push)")
+        if platform_token is None or platform_aes is None:
+            raise ConfigError(file, sec.path("deliver_to"), "a platform app's pushes need the app's token and "
+                                                            "encoding_aes_key")
+        sec.done()
+        return Push(deliver_to=deliver_to, token=platform_token, encoding_aes_key=platform_aes,
+                    reply_within_s=reply_within_s)
+    token = _secret_value(sec, file, "token", files)
+    if not token:
+        raise ConfigError(file, sec.path("token"), "is required: the message token configured with WeChat "
+                                                   "(or token_file)")
+    aes = _secret_value(sec, file, "encoding_aes_key", files)
+    if aes is not None:
+        try:
+            aes_key(aes)
+        except ValueError as exc:
+            raise ConfigError(file, sec.path("encoding_aes_key"), f"the EncodingAESKey {exc}") from None
+    elif token_api == "wecom":
+        raise ConfigError(file, sec.path("encoding_aes_key"), "WeCom pushes are always encrypted: it is required")
+    sec.done()
+    return Push(deliver_to=deliver_to, token=token, encoding_aes_key=aes, reply_within_s=reply_within_s)
 
 
 def _secret_value(sec: _Section, file: str, key: str, files: list[str]) -> str | None:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from dataclasses import replace
 from typing import Awaitable, Callable
 
@@ -29,6 +30,9 @@ from .http.client import UpstreamPool
 from .http.egress import Egress, EgressSession
 from .http.server import HttpServer, Reply, Request
 from .inbound.component_push import COMPONENT_EVENT_PATH, ComponentPushes
+from .inbound.delivery import Delivery
+from .inbound.listener import CallbacksListener
+from .inbound.messages import MessageIntake
 from .ops.admin import AdminRoutes, admin_error
 from .ops.logs import AccessLog
 from .ops.metrics import Metrics
@@ -65,6 +69,11 @@ class Sidecar:
         self.metrics = Metrics()
         self.pools: dict[str, UpstreamPool] = {}   # business calls, by upstream base URL
         self.egress: Egress | None = None
+        # Pushes from WeChat (the callbacks listener): their delivery to apps.
+        self.delivery = Delivery()
+        self.metrics.delivery = self.delivery
+        self.component_pushes: ComponentPushes | None = None
+        self.intake: MessageIntake | None = None
         self.access = AccessLog(config.log.format, on=config.log.access)
         self._retired: set[asyncio.Task[None]] = set()
 
@@ -82,6 +91,7 @@ class Sidecar:
             auto_decompress=False,              # bytes pass through as WeChat sent them
             cookie_jar=aiohttp.DummyCookieJar(),  # apps' cookies are not ours to keep
         )
+        await self.delivery.start()
         self.store = make_store(cfg)
         if hasattr(self.store, "on_reconnect"):
             self.store.on_reconnect.append(self.reseed)
@@ -96,8 +106,11 @@ class Sidecar:
 
     def _forwarder(self, cfg: Config, managers: dict[str, TokenManager], platforms: dict[str, Platform]) -> Forwarder:
         """The proxy port's calls; a platform's push intake (inbound) is
-        reached there at /sidecar/component/event."""
-        pushes = ComponentPushes(platforms)
+        reached there at /sidecar/component/event, and with the callbacks
+        listener's message intake on that port."""
+        pushes = self.component_pushes = ComponentPushes(platforms)
+        assert self.store is not None
+        self.intake = MessageIntake(cfg, self.store, self.delivery, pushes, self.count_push)
         return Forwarder(cfg, managers, self.pools, self.metrics, self.access, platforms,
                          push_answers={COMPONENT_EVENT_PATH: pushes.handle}, egress=self.egress)
 
@@ -231,9 +244,22 @@ class Sidecar:
         await asyncio.sleep(self.config.shutdown_grace_s)
         await manager.close()
 
+    def count_push(self, app: str, result: str) -> None:
+        self.metrics.pushes.labels(app, result).inc()
+
+    def push_status(self, name: str) -> dict[str, object] | None:
+        """An app's pushes for /admin/apps: counts and the last failure, never content."""
+        app = self.config.app(name)
+        if app is None or app.push is None:
+            return None
+        return self.delivery.state(name).status(time.monotonic())
+
     async def close(self) -> None:
         for task in list(self._retired):
             task.cancel()
+        if self.intake is not None:
+            await self.intake.close()
+        await self.delivery.close()
         for platform in self.platforms.values():
             await platform.close()
         for manager in self.managers.values():
@@ -321,12 +347,20 @@ def build_admin_app(sidecar: Sidecar) -> web.Application:
 
 
 class Running:
-    """Both listeners of a started sidecar; `stop()` undoes `start_sidecar`."""
+    """The listeners of a started sidecar; `stop()` undoes `start_sidecar`."""
 
-    def __init__(self, sidecar: Sidecar, proxy: HttpServer, admin: web.BaseRunner):
+    def __init__(self, sidecar: Sidecar, proxy: HttpServer, admin: web.BaseRunner,
+                 callbacks: web.BaseRunner | None = None):
         self.sidecar = sidecar
         self.proxy = proxy
         self.admin_runner = admin
+        self.callbacks_runner = callbacks
+
+    @property
+    def callbacks_port(self) -> int | None:
+        if self.callbacks_runner is None:
+            return None
+        return int(self.callbacks_runner.addresses[0][1])
 
     @property
     def proxy_port(self) -> int:
@@ -339,6 +373,8 @@ class Running:
     async def stop(self) -> None:
         # Both listeners stop accepting; in-flight calls finish (up to the
         # grace); then the sidecar's resources close.
+        if self.callbacks_runner is not None:
+            await self.callbacks_runner.cleanup()
         await self.admin_runner.cleanup()
         await self.proxy.shutdown(self.sidecar.config.shutdown_grace_s)
         await self.sidecar.close()
@@ -366,6 +402,8 @@ async def start_sidecar(config: Config) -> Running:
     try:
         sockets.append(_bind(config.listen.host, config.listen.port))
         sockets.append(_bind(config.admin.host, config.admin.port))
+        if config.callbacks is not None:
+            sockets.append(_bind(config.callbacks.host, config.callbacks.port))
     except OSError:
         for sock in sockets:
             sock.close()
@@ -380,7 +418,17 @@ async def start_sidecar(config: Config) -> Running:
                           max_field_size=PARSER_MAX_LINE, max_headers=PARSER_MAX_HEADERS)
     await admin.setup()
     await web.SockSite(admin, sockets[1]).start()
-    return Running(sidecar, proxy, admin)
+    callbacks = None
+    if config.callbacks is not None:
+        listener = CallbacksListener(lambda: sidecar.intake, lambda: sidecar.component_pushes,  # type: ignore
+                                     lambda: sidecar.platforms, sidecar.count_push)
+        callbacks = web.AppRunner(listener.app(), access_log=None, handle_signals=False,
+                                  shutdown_timeout=min(config.shutdown_grace_s, 1.0),
+                                  keepalive_timeout=config.client_timeout_s, max_line_size=PARSER_MAX_LINE,
+                                  max_field_size=PARSER_MAX_LINE, max_headers=PARSER_MAX_HEADERS)
+        await callbacks.setup()
+        await web.SockSite(callbacks, sockets[2]).start()
+    return Running(sidecar, proxy, admin, callbacks)
 
 
 FileStamp = tuple[int, int, int] | None

@@ -9,6 +9,7 @@ key of one credential lives in one slot and each script touches one slot):
   value:{<key>}           a small named value (a platform's component_verify_ticket)
   value_at:{<key>}        its stamp (the push's CreateTime), when it only moves forward
   seen:{<key>}            a push already taken (replay memory), expiring with the push's window
+  short:{<key>}           a short-lived value (a push's reply, for WeChat's retries)
   registry:{<name>}       hash appid -> refresh token: a platform's authorizers
   events                  pub/sub channel: "new <key> <fp>" / "rejected <key> <fp>" / "removed <key> -"
 
@@ -401,6 +402,12 @@ class RedisStore(Watchers):
 
     async def release_claim(self, key: str) -> None:
         await self._call("claim", self.redis.delete(self._k("seen", key)))
+
+    async def set_value_ttl(self, key: str, value: str, ttl_s: float) -> None:
+        await self._call("set", self.redis.set(self._k("short", key), value, px=max(1, int(ttl_s * 1000))))
+
+    async def get_value_ttl(self, key: str) -> str | None:
+        return await self._call("get", self.redis.get(self._k("short", key)))
 
     async def registry_get(self, registry: str, appid: str) -> str | None:
         return await self._call("registry", self.redis.hget(self._k("registry", registry), appid))

@@ -80,6 +80,11 @@ class TokenStore(Protocol):
 
     async def release_claim(self, key: str) -> None: ...
 
+    # A short-lived value (a push's reply, kept for WeChat's retries).
+    async def set_value_ttl(self, key: str, value: str, ttl_s: float) -> None: ...
+
+    async def get_value_ttl(self, key: str) -> str | None: ...
+
     # A platform's authorizers: appid -> refresh token, one registry per platform.
     async def registry_get(self, registry: str, appid: str) -> str | None: ...
 
@@ -132,6 +137,7 @@ class MemoryStore(Watchers):
         self._values: dict[str, str] = {}
         self._stamps: dict[str, int] = {}
         self._claims: dict[str, float] = {}          # key -> when the claim ends (monotonic)
+        self._expiring: dict[str, tuple[str, float]] = {}   # key -> (value, when it ends)
         self._registries: dict[str, dict[str, str]] = {}
         # One process: the managers see every token change themselves; only
         # a removed authorizer is news to them.
@@ -171,6 +177,16 @@ class MemoryStore(Watchers):
 
     async def release_claim(self, key: str) -> None:
         self._claims.pop(key, None)
+
+    async def set_value_ttl(self, key: str, value: str, ttl_s: float) -> None:
+        now = time.monotonic()
+        if len(self._expiring) > CLAIMS_PRUNE_AT:
+            self._expiring = {k: v for k, v in self._expiring.items() if v[1] > now}
+        self._expiring[key] = (value, now + ttl_s)
+
+    async def get_value_ttl(self, key: str) -> str | None:
+        held = self._expiring.get(key)
+        return held[0] if held is not None and held[1] > time.monotonic() else None
 
     async def registry_get(self, registry: str, appid: str) -> str | None:
         return self._registries.get(registry, {}).get(appid)

@@ -24,47 +24,17 @@ from ..credentials.platform import AuthorizationFailed, Platform
 from ..credentials.store import StoreUnavailable
 from ..http.replies import sidecar_error
 from ..http.server import BodyError, Reply, Request, http_date, query_values
-from ..wechat.crypto import CryptoError, MessageCrypto
+from ..wechat.crypto import MessageCrypto
+from .envelope import REPLAY_MEMORY_S, PushRefused, check_window, open_encrypted, parse_xml
 
 log = logging.getLogger("proxy.forward")
 
 # A push is a few hundred bytes of XML; anything longer is not one.
 MAX_PUSH_BYTES = 64 * 1024
 
-# A push is taken only while its timestamp is this close to now (DESIGN.md:
-# 300 s, the window WeChat Pay and most WeChat SDKs use for callbacks), and
-# remembered as taken for twice that: a replay cannot outlive the memory.
-PUSH_WINDOW_S = 300
-REPLAY_MEMORY_S = 2 * PUSH_WINDOW_S
-
 COMPONENT_EVENT_PATH = "/sidecar/component/event"
 
 PUSH_INFO_TYPES = ("component_verify_ticket", "authorized", "updateauthorized", "unauthorized")
-
-
-class PushRefused(Exception):
-    """A push not taken: HTTP status and a reason safe to log and answer."""
-
-    def __init__(self, status: int, why: str):
-        super().__init__(why)
-        self.status, self.why = status, why
-
-
-def parse_xml(data: bytes, what: str) -> dict[str, str]:
-    """The child elements of a flat WeChat XML document, by tag. A document
-    type declaration (and so any entity) is refused by the parser itself
-    (defusedxml), whatever the document's encoding: no entity is expanded."""
-    from xml.etree.ElementTree import ParseError
-
-    import defusedxml.ElementTree as SafeElementTree  # only platforms taking pushes parse XML
-    from defusedxml import DefusedXmlException
-    try:
-        root = SafeElementTree.fromstring(data, forbid_dtd=True)
-    except DefusedXmlException:
-        raise PushRefused(400, f"{what}: XML declarations (DOCTYPE, ENTITY) are not accepted") from None
-    except (ParseError, ValueError, RecursionError):
-        raise PushRefused(400, f"{what} is not XML") from None
-    return {child.tag: (child.text or "").strip() for child in root}
 
 
 def replay_key(msg_signature: str, encrypt: str) -> str:
@@ -117,27 +87,19 @@ class ComponentPushes:
         if not all(params.values()):
             raise PushRefused(400, "push without msg_signature, timestamp and nonce in the query")
         timestamp = params["timestamp"]
-        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
-            raise PushRefused(400, "push timestamp is not Unix seconds")
-        if abs(self.wall() - int(timestamp)) > PUSH_WINDOW_S:
-            _count(platform, "refused")
-            raise PushRefused(403, f"push timestamp is more than {PUSH_WINDOW_S} s from now (a replay, "
-                                   "or this host's clock is off)")
-        encrypt = parse_xml(body, "push body").get("Encrypt")
-        if not encrypt:
-            raise PushRefused(400, "push body has no Encrypt element")
-        if not crypto.check_signature(params["msg_signature"], timestamp, params["nonce"], encrypt):
-            _count(platform, "refused")
-            raise PushRefused(403, "push signature does not match (msg_signature)")
         try:
-            message, appid = crypto.decrypt(encrypt)
-        except CryptoError as exc:
-            raise PushRefused(400, f"push does not decrypt: {exc}") from None
-        if appid != app.appid:
+            check_window(timestamp, self.wall())
+        except PushRefused:
             _count(platform, "refused")
-            raise PushRefused(403, "push was encrypted for another appid")
+            raise
+        try:
+            message, encrypt = open_encrypted(crypto, body, params["msg_signature"], timestamp, params["nonce"])
+        except PushRefused as exc:
+            if exc.status == 403:
+                _count(platform, "refused")
+            raise
         fields = parse_xml(message, "decrypted push")
-        if fields.get("AppId", appid) != app.appid:
+        if fields.get("AppId", app.appid) != app.appid:
             raise PushRefused(403, "push names another platform in AppId")
         created = fields.get("CreateTime", "")
         created_at = int(created) if created.isascii() and created.isdigit() and len(created) <= 12 else int(timestamp)

@@ -36,6 +36,8 @@ class Sidecar(Protocol):
 
     def waiting_for_ticket(self, name: str) -> bool: ...
 
+    def push_status(self, name: str) -> "dict[str, object] | None": ...
+
 
 # Answered to anyone who reaches the port, whatever Host they name: probes
 # and scrapers carry no secret, and the kubelet may name the pod's address.
@@ -112,6 +114,9 @@ class AdminRoutes:
             platform = self.sidecar.platforms.get(manager.name)
             if platform is not None:
                 status["platform"] = await platform.status()
+            pushes = self.sidecar.push_status(manager.name)
+            if pushes is not None:
+                status["pushes"] = pushes
             answers.append(status)
         return web.json_response({"apps": answers})
 

@@ -123,6 +123,9 @@ class Metrics:
         self._managers: dict[str, "TokenManager"] = {}
         self.refused_ips: set[str] = set()       # egress IPs WeChat refused, each logged once
         self.egress: Any = None                  # http.egress.Egress: host switches
+        self.delivery: Any = None                # inbound.delivery.Delivery: queues and drops
+        self.pushes = Family("wts_pushes", "Pushes from WeChat on the callbacks listener, by app and result "
+                             "(delivered, duplicate, late, queued, refused, verified)", "counter", ("app", "result"))
         self._store: "TokenStore | None" = None
         self._platforms: dict[str, "Platform"] = {}
 
@@ -206,6 +209,15 @@ class Metrics:
                      "what wts_token_fetches_today is measured against", "gauge", ())
         cap.labels().set(getattr(self._store, "daily_fetch_cap", 0))
         parts.append(cap.render())
+        parts.append(self.pushes.render())
+        dropped = Family("wts_push_dropped", "Pushes given up on (queue_full, expired after 10 minutes of "
+                         "redelivery), by app and reason", "counter", ("app", "reason"))
+        depth = Family("wts_push_queue_depth", "Pushes waiting for an app that is down", "gauge", ("app",))
+        for app, state in (getattr(self.delivery, "apps", None) or {}).items():
+            depth.labels(app).set(len(state.queue))
+            for reason, count in state.dropped.items():
+                dropped.labels(app, reason).set(count)
+        parts += (dropped.render(), depth.render())
         switches = Family("wts_upstream_host_switches", "Calls and fetches moved to another upstream host "
                           "(upstream.fallback) because a connection could not be made", "counter", ())
         switches.labels().set(getattr(self.egress, "switches", 0))

@@ -1,4 +1,6 @@
-"""WeChat's message encryption ("安全模式"), used for Open Platform pushes.
+"""WeChat's message signatures and encryption ("安全模式"): pushes from
+WeChat to the sidecar (Official Account, Mini Program, WeCom, Open Platform)
+and the encrypted passive replies sent back.
 
 The scheme (Open Platform "Message Encryption and Decryption" guide; WeCom
 document 90968 gives the same scheme and the test vector in
@@ -41,7 +43,19 @@ def aes_key(encoding_aes_key: str) -> bytes:
 
 
 def signature(token: str, timestamp: str, nonce: str, encrypt: str) -> str:
+    """msg_signature: over the sorted token, timestamp, nonce and Encrypt (or WeCom's echostr)."""
     return hashlib.sha1("".join(sorted((token, timestamp, nonce, encrypt))).encode()).hexdigest()
+
+
+def plain_signature(token: str, timestamp: str, nonce: str) -> str:
+    """signature: over the sorted token, timestamp and nonce only (URL
+    verification, plaintext pushes: it does not cover the body)."""
+    return hashlib.sha1("".join(sorted((token, timestamp, nonce))).encode()).hexdigest()
+
+
+def same_signature(expected: str, given: str) -> bool:
+    """Constant-time, any case."""
+    return hmac.compare_digest(expected.encode(), given.lower().encode("ascii", "replace"))
 
 
 class MessageCrypto:
@@ -61,8 +75,20 @@ class MessageCrypto:
         return cipher(aes(self.key), cbc(self.key[:16]))
 
     def check_signature(self, msg_signature: str, timestamp: str, nonce: str, encrypt: str) -> bool:
-        expected = signature(self.token, timestamp, nonce, encrypt)
-        return hmac.compare_digest(expected.encode(), msg_signature.lower().encode("ascii", "replace"))
+        return same_signature(signature(self.token, timestamp, nonce, encrypt), msg_signature)
+
+    def reply(self, message: bytes, timestamp: str, nonce: str, as_json: bool) -> bytes:
+        """An encrypted passive reply in WeChat's envelope: XML
+        <xml><Encrypt/><MsgSignature/><TimeStamp/><Nonce/></xml>, or for a
+        JSON push {"Encrypt", "MsgSignature", "TimeStamp" (a number), "Nonce"}."""
+        encrypt = self.encrypt(message)
+        sig = signature(self.token, timestamp, nonce, encrypt)
+        if as_json:
+            import json
+            return json.dumps({"Encrypt": encrypt, "MsgSignature": sig, "TimeStamp": int(timestamp),
+                               "Nonce": nonce}).encode()
+        return (f"<xml><Encrypt><![CDATA[{encrypt}]]></Encrypt><MsgSignature><![CDATA[{sig}]]></MsgSignature>"
+                f"<TimeStamp>{timestamp}</TimeStamp><Nonce><![CDATA[{nonce}]]></Nonce></xml>").encode()
 
     def decrypt(self, encrypt: str) -> tuple[bytes, str]:
         """(message, the appid it was encrypted for)."""
