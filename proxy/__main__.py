@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import replace
 
 from . import config as config_mod
@@ -76,6 +77,8 @@ async def _demo(port: int, admin_port: int, sim_port: int, platform: bool = Fals
         DEMO_COMPONENT_APPID,
         DEMO_COMPONENT_SECRET,
         DEMO_COMPONENT_TOKEN,
+        DEMO_MESSAGE_AES_KEY,
+        DEMO_MESSAGE_TOKEN,
         DEMO_SECRET,
         SimSettings,
         WeChatSimulator,
@@ -92,16 +95,27 @@ async def _demo(port: int, admin_port: int, sim_port: int, platform: bool = Fals
         await sim_runner.cleanup()
         return 1
     sim_port = sim_runner.addresses[0][1]
+    # A tiny app behind the sidecar for WeChat's message pushes: it answers
+    # each text message with a passive reply.
+    receiver = web.Application()
+    receiver.router.add_post("/wechat", _demo_receiver)
+    receiver_runner = web.AppRunner(receiver, access_log=None)
+    await receiver_runner.setup()
+    await web.TCPSite(receiver_runner, "127.0.0.1", 0).start()
+    receiver_port = receiver_runner.addresses[0][1]
     cfg = config_mod.parse(f"""
 listen: {{host: 127.0.0.1, port: {port}}}
 admin:  {{host: 127.0.0.1, port: {admin_port}}}
 upstream: {{base_url: "http://127.0.0.1:{sim_port}", timeout_s: 5}}
 log: {{level: info, format: text}}
+callbacks: {{host: 127.0.0.1, port: 0}}                # WeChat's pushes (any free port)
 # min_refresh_interval_s 0: the printed curl lines may run back to back
 # (a rotation, then an admin refresh); real configs keep the 1 s default.
 apps:
   - {{name: mp, appid: {DEMO_APPID}, secret: {DEMO_SECRET}, token_api: stable, refresh_before_s: 240,
-      min_refresh_interval_s: 0}}
+      min_refresh_interval_s: 0,
+      push: {{token: {DEMO_MESSAGE_TOKEN}, encoding_aes_key: {DEMO_MESSAGE_AES_KEY},
+             deliver_to: "http://127.0.0.1:{receiver_port}/wechat"}}}}
 """ + (f"""
   - {{name: plat, appid: {DEMO_COMPONENT_APPID}, secret: {DEMO_COMPONENT_SECRET}, token_api: component,
       token: {DEMO_COMPONENT_TOKEN}, encoding_aes_key: {DEMO_COMPONENT_AES_KEY}}}
@@ -112,8 +126,10 @@ apps:
         print(f"demo: cannot listen on 127.0.0.1:{port} / {admin_port}: {exc}. "
               f"Try: python -m proxy demo --port 0 --admin-port 0", file=sys.stderr)
         await sim_runner.cleanup()
+        await receiver_runner.cleanup()
         return 1
     p, a = running.proxy_port, running.admin_port
+    sim.settings.message_push_url = f"http://127.0.0.1:{running.callbacks_port}/wechat/mp"
     if platform:
         # WeChat pushes the platform a verify ticket every 10 minutes; the
         # first one now, so the component token is there at once.
@@ -163,6 +179,10 @@ Try these in another terminal:
   curl -s 'http://127.0.0.1:{p}/cgi-bin/ticket/getticket?type=jsapi'
   curl -s 'http://127.0.0.1:{p}/sidecar/jssdk?url=https%3A%2F%2Fshop.example.com%2Fitem%3Fid%3D7'
 
+  # WeChat pushes a message (signed, encrypted): the sidecar checks and decrypts it, the
+  # app beside it gets plain XML and answers; its reply goes back encrypted (the simulator decrypts it)
+  curl -s -X POST 'http://127.0.0.1:{sim_port}/_sim/push_message?text=hello'
+
   # health, readiness, per-app state, refresh now
   curl -s http://127.0.0.1:{a}/readyz
   curl -s http://127.0.0.1:{a}/admin/apps
@@ -181,8 +201,24 @@ Press Ctrl-C to stop.
     await stop.wait()
     await running.stop()
     await sim_runner.cleanup()
+    await receiver_runner.cleanup()
     print("demo stopped")
     return 0
+
+
+async def _demo_receiver(request):  # type: ignore[no-untyped-def]
+    """The demo app: a passive reply to each text message, as plain XML."""
+    import re
+    from aiohttp import web
+    body = (await request.read()).decode("utf-8", "replace")
+    said = re.search(r"<Content><!\[CDATA\[(.*?)\]\]></Content>", body)
+    user = re.search(r"<FromUserName><!\[CDATA\[(.*?)\]\]></FromUserName>", body)
+    if said is None or user is None:
+        return web.Response(text="success")
+    return web.Response(text=f"<xml><ToUserName><![CDATA[{user.group(1)}]]></ToUserName><FromUserName>"
+                             f"<![CDATA[gh_demo]]></FromUserName><CreateTime>{int(time.time())}</CreateTime>"
+                             f"<MsgType><![CDATA[text]]></MsgType><Content><![CDATA[you said: {said.group(1)}]]>"
+                             f"</Content></xml>", content_type="text/xml")
 
 
 def main(argv: list[str] | None = None) -> int:

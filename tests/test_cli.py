@@ -193,6 +193,8 @@ def test_demo_prints_curl_lines_that_work(tmp_path):
         assert re.search(r"^200 1048576 bytes$", joined, re.M)
         assert '"status": "ready"' in joined
         assert '"ticket": "SIM_TK_jsapi_' in joined and '"signature": "' in joined
+        # the simulator's push reached the demo app through the sidecar; the app's reply came back encrypted
+        assert "you said: hello" in joined and '"encrypted": true' in joined
         stats = json.loads(outputs[-1])
         # start-up, the rotation, and the admin refresh, unless that came within
         # 0.5 s of the rotation's refresh: then that refresh is its answer

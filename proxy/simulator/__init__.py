@@ -32,15 +32,17 @@ from .core import (
     media_bytes,
 )
 from .platform import PlatformApis
+from .pushes import DEMO_MESSAGE_AES_KEY, DEMO_MESSAGE_TOKEN, PushApis
 from .tickets import TicketApis
 from .tokens import TokenApis
 
 __all__ = ["DEMO_APPID", "DEMO_AUTHORIZER_APPID", "DEMO_COMPONENT_AES_KEY", "DEMO_COMPONENT_APPID",
            "DEMO_COMPONENT_SECRET", "DEMO_COMPONENT_TOKEN", "DEMO_CORPID", "DEMO_CORPSECRET", "DEMO_SECRET",
+           "DEMO_MESSAGE_AES_KEY", "DEMO_MESSAGE_TOKEN",
            "MEDIA_CHUNK", "Issued", "SimSettings", "WeChatSimulator", "main", "media_bytes"]
 
 
-class WeChatSimulator(TokenApis, TicketApis, PlatformApis):
+class WeChatSimulator(TokenApis, TicketApis, PlatformApis, PushApis):
     """WeChat, as wechat-api-notes.md describes it: one API family per module."""
 
     def app(self) -> web.Application:
@@ -62,6 +64,7 @@ class WeChatSimulator(TokenApis, TicketApis, PlatformApis):
         app.router.add_route("POST", "/_sim/component/authorize", self.ctl_authorize)
         app.router.add_route("POST", "/_sim/component/unauthorize", self.ctl_unauthorize)
         app.router.add_route("POST", "/_sim/component/bulk_authorize", self.ctl_bulk_authorize)
+        app.router.add_route("POST", "/_sim/push_message", self.ctl_push_message)
         app.cleanup_ctx.append(self._start_pushes)
         app.router.add_route("*", "/_sim/settings", self.ctl_settings)
         app.router.add_route("POST", "/_sim/rotate", self.ctl_rotate)

@@ -45,6 +45,7 @@ class SimSettings:
     token_latency_s: float = 0.0     # added to token calls
     token_fault: str = ""            # "", http500, busy, garbage, html, empty, no_token, absurd_expires, errcode:N
     egress_ip: str = "203.0.113.7"   # the caller's IP as WeChat names it in 40164 (not whitelisted)
+    message_push_url: str = ""       # an account's server URL for message pushes (/_sim/push_message)
     error_content_type: str = "application/json; encoding=utf-8"
     reject_all: bool = False         # every business call answers 40001
     wecom_errors: bool = False       # answer bad tokens as WeCom does: 40014, not 40001 (§8)
@@ -115,11 +116,14 @@ class SimCore:
         self.platforms = dict(platforms or {DEMO_COMPONENT_APPID: (
             DEMO_COMPONENT_SECRET, DEMO_COMPONENT_TOKEN, DEMO_COMPONENT_AES_KEY)})
         self.corps = {k: list(v) for k, v in (corps or {DEMO_CORPID: [DEMO_CORPSECRET]}).items()}
+        # appid -> (message token, EncodingAESKey) of its server configuration (message pushes)
+        self.message_accounts: dict[str, tuple[str, str]] = {}
         self.settings = settings or SimSettings()
         self.clock = clock
         self.reset()
 
     def reset(self) -> None:
+        self.messages_sent: list[dict[str, Any]] = []     # message pushes and how they were answered
         self.tokens: dict[str, Issued] = {}
         self.current: dict[str, Issued] = {}
         self.history: dict[str, list[Issued]] = {}

@@ -365,3 +365,55 @@ async def test_an_authorized_accounts_push_uses_the_platforms_key_and_names_the_
                                               "ComponentVerifyTicket": "ticket@@@via-callbacks"})
     assert await post(http, running, query, body, "/wechat/plat") == (200, b"success")
     assert await running.sidecar.store.get_value(f"verify_ticket:{PLATFORM}") == "ticket@@@via-callbacks"
+
+
+async def test_two_sidecars_on_one_redis_deliver_a_message_once_whichever_wechat_reached(
+        sim, redis_server, spawn, http, receiver):
+    store = f'store: {{kind: redis, url: "{redis_server.url}", key_prefix: "t:"}}'
+    replicas = []
+    for i in range(2):
+        port, admin, callbacks = free_port(), free_port(), free_port()
+        text = push_yaml(sim.url, receiver.url, listen_port=port, admin_port=admin).replace(
+            "callbacks: {host: 127.0.0.1, port: 0}", f"callbacks: {{host: 127.0.0.1, port: {callbacks}}}\n{store}")
+        proc = spawn(text, name=f"replica{i}")
+        replicas.append((proc, f"http://127.0.0.1:{admin}", f"http://127.0.0.1:{callbacks}"))
+    await asyncio.gather(*(proc.wait_ready(admin) for proc, admin, _ in replicas))
+    receiver.reply = b"<xml><Content><![CDATA[once]]></Content></xml>"
+    push = safe_push(text_message(msg_id=123123123))
+    first, second = replicas
+    async with http.post(f"{first[2]}/wechat/mp?{push[0]}", data=push[1]) as resp:
+        assert resp.status == 200
+        first_answer = await resp.read()
+    for _ in range(3):                      # WeChat's retries reach the other replica
+        async with http.post(f"{second[2]}/wechat/mp?{push[0]}", data=push[1]) as resp:
+            assert resp.status == 200
+            retry_answer = await resp.read()
+        crypto = WeChatCrypto(TOKEN, AES_KEY, APPID)
+        for answer in (first_answer, retry_answer):
+            text = answer.decode()
+            ts = re.search(r"<TimeStamp>(\d+)</TimeStamp>", text).group(1)
+            sig = re.search(r"<MsgSignature><!\[CDATA\[(.*?)\]\]></MsgSignature>", text).group(1)
+            assert crypto.decrypt_message(text, sig, ts, "765432") == receiver.reply.decode()
+    assert len(receiver.got) == 1
+    for proc, _, _ in replicas:
+        assert "Traceback" not in proc.output()
+
+
+async def test_the_simulator_pushes_as_wechat_does_and_its_retries_are_one_delivery(
+        make_sidecar, sim, http, receiver, monkeypatch):
+    from proxy.simulator import pushes as sim_pushes
+    monkeypatch.setattr(sim_pushes, "PUSH_WAIT_S", 0.3)          # WeChat's 5 s, shortened
+    sim.message_accounts[APPID] = (TOKEN, AES_KEY)
+    running = await start(make_sidecar, sim, receiver, within=1.0)
+    receiver.delay = 0.6                                       # slower than WeChat waits (here)
+    receiver.reply = b"<xml><Content><![CDATA[after a while]]></Content></xml>"
+    result = await sim.send_message(f"{running.callbacks}/wechat/mp", APPID, text_message(msg_id=1717))
+    assert result["status"] == 200 and result["attempts"] >= 2  # WeChat sent it again
+    assert len(receiver.got) == 1                              # the app saw it once
+    # compatible mode (plaintext fields and Encrypt side by side) and a plaintext push also go through
+    for mode, msg_id in (("compatible", 1718), ("plaintext", 1719)):
+        receiver.delay = 0
+        result = await sim.send_message(f"{running.callbacks}/wechat/mp", APPID, text_message(msg_id=msg_id), mode)
+        assert result == {"status": 200, "attempts": 1, "reply": receiver.reply.decode(),
+                          "encrypted": mode == "compatible"}
+    assert [h["X-WeChat-Message-Id"] for h, _ in receiver.got] == ["1717", "1718", "1719"]
