@@ -97,7 +97,7 @@ async def test_every_metric_in_the_rules_and_the_dashboard_is_one_the_sidecar_ex
 def test_the_dashboard_has_the_rows_the_readme_describes():
     board = json.loads(DASHBOARD.read_text())
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
-    assert rows == ["Calls", "Tokens", "Store", "Tickets and Open Platform"]
+    assert rows == ["Calls", "Tokens", "Store", "Tickets and Open Platform", "Pushes to apps (callbacks listener)"]
     readme = (ROOT / "README.md").read_text()
     for row in rows:
         assert f"**{row}**" in readme
