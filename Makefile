@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test deps check venv clean bench bench-instructions soak scale
+.PHONY: demo test deps check venv clean bench bench-instructions bench-pushes soak scale
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: $(STAMP)
 # Instructions per proxied call under callgrind (~40 s): repeatable, for A/B of code changes.
 bench-instructions: $(STAMP)
 	$(PY) bench/instructions.py
+
+# Pushes per second through the callbacks listener, plaintext and safe mode (~30 s).
+bench-pushes: $(STAMP)
+	$(PY) bench/pushes.py
 
 # The long soak (2 minutes of mixed calls with rotating tokens); `make test` runs a short one.
 soak: $(STAMP)

@@ -138,6 +138,7 @@ class MemoryStore(Watchers):
         self._stamps: dict[str, int] = {}
         self._claims: dict[str, float] = {}          # key -> when the claim ends (monotonic)
         self._expiring: dict[str, tuple[str, float]] = {}   # key -> (value, when it ends)
+        self._claims_prune_at = self._expiring_prune_at = CLAIMS_PRUNE_AT
         self._registries: dict[str, dict[str, str]] = {}
         # One process: the managers see every token change themselves; only
         # a removed authorizer is news to them.
@@ -168,8 +169,11 @@ class MemoryStore(Watchers):
 
     async def claim_once(self, key: str, ttl_s: float) -> bool:
         now = time.monotonic()
-        if len(self._claims) > CLAIMS_PRUNE_AT:
+        if len(self._claims) > self._claims_prune_at:
+            # Swept when it has doubled since the last sweep: amortised O(1)
+            # a claim, whatever the rate of pushes.
             self._claims = {k: end for k, end in self._claims.items() if end > now}
+            self._claims_prune_at = max(CLAIMS_PRUNE_AT, 2 * len(self._claims))
         if self._claims.get(key, 0.0) > now:
             return False
         self._claims[key] = now + ttl_s
@@ -180,8 +184,9 @@ class MemoryStore(Watchers):
 
     async def set_value_ttl(self, key: str, value: str, ttl_s: float) -> None:
         now = time.monotonic()
-        if len(self._expiring) > CLAIMS_PRUNE_AT:
+        if len(self._expiring) > self._expiring_prune_at:
             self._expiring = {k: v for k, v in self._expiring.items() if v[1] > now}
+            self._expiring_prune_at = max(CLAIMS_PRUNE_AT, 2 * len(self._expiring))
         self._expiring[key] = (value, now + ttl_s)
 
     async def get_value_ttl(self, key: str) -> str | None:
