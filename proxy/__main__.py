@@ -152,6 +152,8 @@ apps:
   curl -s 'http://127.0.0.1:{a}/admin/authorizers?app=plat'
 """ if platform else ""
     print(f"""
+status page      : http://127.0.0.1:{a}/   (open it in a browser)
+
 wechat-token-sidecar demo {'(ready)' if ready else '(NOT ready: see the log above)'}
   WeChat simulator : http://127.0.0.1:{sim_port}   (stands in for api.weixin.qq.com)
   sidecar (apps)   : http://127.0.0.1:{p}
@@ -209,6 +211,7 @@ Press Ctrl-C to stop.
 async def _demo_receiver(request):  # type: ignore[no-untyped-def]
     """The demo app: a passive reply to each text message, as plain XML."""
     import re
+
     from aiohttp import web
     body = (await request.read()).decode("utf-8", "replace")
     said = re.search(r"<Content><!\[CDATA\[(.*?)\]\]></Content>", body)

@@ -2,9 +2,11 @@
 refresh interface. Nothing here ever answers a token or a secret."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import math
+import secrets
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,7 +19,11 @@ from ..credentials.platform import authorizer_status
 from ..credentials.store import StoreUnavailable
 from ..http.callers import host_of, is_ip_literal, is_loopback_host
 from ..http.server import json_error_body
+from .history import SAMPLE_EVERY_S, History
 from .metrics import CONTENT_TYPE
+from .status import sample
+from .status import status as status_view
+from .status_page import PAGE
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -77,6 +83,40 @@ def bearer_matches(header: str | None, token: str) -> bool:
 class AdminRoutes:
     def __init__(self, sidecar: Sidecar):
         self.sidecar = sidecar
+        self.history = History()
+
+    # ------------------------------------------------------------ the status page
+
+    def page_response(self, status: int = 200) -> web.Response:
+        """The status page; its script allowed by a nonce, nothing loaded from
+        anywhere, no framing, no referrer (the fragment may hold the token)."""
+        nonce = secrets.token_urlsafe(16)
+        csp = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; connect-src 'self'; "
+               "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+        response = web.Response(status=status, text=PAGE.replace("<script>", f'<script nonce="{nonce}">', 1),
+                                content_type="text/html", charset="utf-8",
+                                headers={"Content-Security-Policy": csp, "Cache-Control": "no-store",
+                                         "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+                                         "X-Content-Type-Options": "nosniff"})
+        if status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="wechat-token-sidecar"'
+        return response
+
+    async def page(self, request: web.Request) -> web.Response:
+        return self.page_response()
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(await status_view(self.history, self.sidecar), headers={"Cache-Control": "no-store"})
+
+    async def _sampling(self, app: web.Application):  # type: ignore[no-untyped-def]
+        """The page's history fills while nobody looks: a sample every SAMPLE_EVERY_S."""
+        async def run() -> None:
+            while True:
+                sample(self.history, self.sidecar)
+                await asyncio.sleep(SAMPLE_EVERY_S)
+        task = asyncio.create_task(run(), name="status-history")
+        yield
+        task.cancel()
 
     async def healthz(self, request: web.Request) -> web.Response:
         # Liveness: the event loop answers. Never depends on WeChat or a store.
@@ -260,10 +300,14 @@ class AdminRoutes:
         refused = self.refuse_web_pages(request)
         if refused is not None:
             return refused
-        if request.path.startswith("/admin/"):
+        if request.path.startswith("/admin/") or request.path == "/":
             admin = self.sidecar.config.admin      # read per request: a reload may change it
             if admin.token:
                 if not bearer_matches(request.headers.get("Authorization"), admin.token):
+                    if request.path == "/" and request.method == "GET":
+                        # The page, in its 401 state: a browser navigation carries no
+                        # bearer; the page takes it from #token=... or its form.
+                        return self.page_response(401)
                     response = admin_error(401, "admin token required (Authorization: Bearer ...)")
                     response.headers["WWW-Authenticate"] = 'Bearer realm="wechat-token-sidecar"'
                     return response
@@ -271,7 +315,7 @@ class AdminRoutes:
                 return admin_error(403, "admin.token is empty and admin listens beyond loopback: "
                                         f"{request.method} refused; set admin.token")
             elif not is_loopback(request.remote or ""):
-                return admin_error(403, "admin.token is empty: /admin/ answers loopback callers only "
+                return admin_error(403, "admin.token is empty: / and /admin/ answer loopback callers only "
                                         "(set admin.token to reach it from elsewhere)")
         return await handler(request)
 
@@ -311,6 +355,9 @@ class AdminRoutes:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/", self.page)
+        app.router.add_get("/admin/status", self.status)
+        app.cleanup_ctx.append(self._sampling)
         app.router.add_get("/admin/apps", self.apps)
         app.router.add_post("/admin/refresh", self.refresh)
         app.router.add_post("/admin/component/verify_ticket", self.verify_ticket)
