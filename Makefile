@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test deps check venv clean bench bench-instructions bench-pushes soak scale
+.PHONY: demo test deps check venv clean bench bench-instructions bench-pushes bench-pay soak scale
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-instructions: $(STAMP)
 # Pushes per second through the callbacks listener, plaintext and safe mode (~30 s).
 bench-pushes: $(STAMP)
 	$(PY) bench/pushes.py
+
+# A WeChat Pay call's added CPU against a forwarded call, with one RSA-2048 signature as the floor (~20 s).
+bench-pay: $(STAMP)
+	$(PY) bench/pay.py
 
 # The long soak (2 minutes of mixed calls with rotating tokens); `make test` runs a short one.
 soak: $(STAMP)

@@ -227,6 +227,26 @@ class App:
         return f"{self.token_api}:{self.appid}"
 
 
+DEFAULT_PAY_UPSTREAM = "https://api.mch.weixin.qq.com"
+
+
+@dataclass(frozen=True)
+class Merchant:
+    """A WeChat Pay merchant (DESIGN.md, "WeChat Pay (API v3)"): its keys live
+    only here, read from files; none is ever logged, shown or counted."""
+    name: str
+    mchid: str
+    serial_no: str                                   # the merchant API certificate's serial
+    private_key_pem: bytes = field(repr=False)
+    apiv3_key: bytes = field(repr=False)
+    public_key_pem: bytes | None = field(default=None, repr=False)   # WeChat Pay public-key mode
+    public_key_id: str | None = None                 # PUB_KEY_ID_...
+    notify_to: str | None = None
+    upstream: str = DEFAULT_PAY_UPSTREAM
+    allow: AllowList = field(default_factory=AllowList, compare=False)
+    files: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class Config:
     source: str
@@ -244,10 +264,15 @@ class Config:
     client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S
     no_token_paths: tuple[str, ...] = ()
     reload_poll_s: float = DEFAULT_RELOAD_POLL_S
+    merchants: tuple[Merchant, ...] = ()
 
     def watched_files(self) -> tuple[str, ...]:
         """The files this config was made from: itself and the secret files."""
-        return (self.source, *(path for app in self.apps for path in app.files))
+        return (self.source, *(path for app in self.apps for path in app.files),
+                *(path for merchant in self.merchants for path in merchant.files))
+
+    def merchant(self, name: str) -> Merchant | None:
+        return next((m for m in self.merchants if m.name == name), None)
 
     def refresh_errcodes_for(self, app: App) -> frozenset[int]:
         """Errcodes that mean "this token is bad" for one app. WeCom differs:
@@ -282,6 +307,10 @@ class Config:
             f"pass_token_errors: {str(self.pass_token_errors).lower()}",
             f"max_body_bytes: {self.max_body_bytes}",
             f"callbacks: {self.callbacks.host}:{self.callbacks.port}" if self.callbacks else "callbacks: off",
+            *(f"merchant {m.name}: mchid={m.mchid} serial_no={m.serial_no} upstream={m.upstream} keys=<set>"
+              + (f" public_key_id={m.public_key_id}" if m.public_key_id else " platform certificates")
+              + f" allow={list(m.allow.patterns)}" + (f" notify_to={m.notify_to}" if m.notify_to else "")
+              for m in self.merchants),
             f"apps ({len(self.apps)}; the first is the default route):",
         ]
         for app in self.apps:
@@ -726,7 +755,19 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
     apps: list[App] = []
     for index, item in enumerate(apps_raw):
         apps.append(_parse_app(_Section(item, file, f"apps[{index}]"), file, upstream.base_url))
+    merchants: list[Merchant] = []
+    merchants_raw = top.data.pop("merchants", None)
+    if merchants_raw is not None:
+        if not isinstance(merchants_raw, list):
+            raise ConfigError(file, "merchants", "must be a list of merchants")
+        for index, item in enumerate(merchants_raw):
+            merchants.append(_parse_merchant(_Section(item, file, f"merchants[{index}]"), file))
     seen: set[str] = set()
+    for index, merchant in enumerate(merchants):
+        if merchant.name in seen or any(app.name == merchant.name for app in apps):
+            raise ConfigError(file, f"merchants[{index}].name", f"{merchant.name!r} is already an app or merchant name")
+        seen.add(merchant.name)
+    seen = set()
     for index, app in enumerate(apps):
         if app.name in seen:
             raise ConfigError(file, f"apps[{index}].name", f"duplicate app name {app.name!r}")
@@ -741,7 +782,7 @@ def parse(text: str, file: str = "<config>", env: dict[str, str] | None = None) 
         refresh_errcodes=refresh_errcodes, pass_token_errors=pass_token_errors,
         max_body_bytes=max_body_bytes, apps=tuple(apps), shutdown_grace_s=shutdown_grace_s, log=log,
         client_timeout_s=client_timeout_s, no_token_paths=no_token_paths, reload_poll_s=reload_poll_s,
-        callbacks=callbacks,
+        callbacks=callbacks, merchants=tuple(merchants),
     )
 
 
@@ -804,6 +845,67 @@ def _parse_app(sec: _Section, file: str, global_upstream: str) -> App:
         secret_file=secret_path, agentid=agentid, msg_token=msg_token, encoding_aes_key=aes,
         max_cached_authorizers=max_cached, files=tuple(files), allow=allow,
     )
+
+
+def _key_file(sec: _Section, file: str, key: str, files: list[str], required: bool = True) -> tuple[bytes, str] | None:
+    """A key file's bytes and path: a small regular file (never logged)."""
+    if key not in sec.data:
+        if required:
+            raise ConfigError(file, sec.path(key), "is required")
+        return None
+    path = sec.get(key, _str(file))
+    try:
+        data = read_small_file(path, MAX_SECRET_FILE_BYTES)
+    except FileRefused as exc:
+        raise ConfigError(file, sec.path(key), f"{path} {exc}") from None
+    except OSError as exc:
+        raise ConfigError(file, sec.path(key), f"cannot read {path}: {exc.__class__.__name__}") from None
+    files.append(path)
+    return data, path
+
+
+def _parse_merchant(sec: _Section, file: str) -> Merchant:
+    from .wechat.pay import PayCryptoError, load_private_key, load_public_key
+    name = sec.get("name", _str(file))
+    if not APP_NAME_RE.match(name) or name.lower() in RESERVED_APP_NAMES or name in ("v3", "pay"):
+        raise ConfigError(file, sec.path("name"), f"{name!r} must be letters, digits, '.', '_' or '-' and not a "
+                                                  "WeChat path root (it is a URL path segment)")
+    mchid = sec.get("mchid", _str(file))
+    if not mchid.isdigit():
+        raise ConfigError(file, sec.path("mchid"), "must be the merchant number (digits)")
+    serial_no = sec.get("serial_no", _str(file))
+    if not re.fullmatch(r"[0-9A-Fa-f]{8,64}", serial_no):
+        raise ConfigError(file, sec.path("serial_no"), "must be the merchant API certificate's serial (hex)")
+    files: list[str] = []
+    private, private_path = _key_file(sec, file, "private_key_file", files)  # type: ignore[misc]
+    try:
+        load_private_key(private)
+    except PayCryptoError as exc:
+        raise ConfigError(file, sec.path("private_key_file"), f"{private_path}: {exc}") from None
+    apiv3, apiv3_path = _key_file(sec, file, "apiv3_key_file", files)  # type: ignore[misc]
+    apiv3 = apiv3.strip()
+    if len(apiv3) != 32:
+        raise ConfigError(file, sec.path("apiv3_key_file"), f"{apiv3_path}: an APIv3 key is 32 bytes, "
+                                                            f"this file holds {len(apiv3)}")
+    public = _key_file(sec, file, "public_key_file", files, required=False)
+    public_key_id = sec.get("public_key_id", _str(file), None)
+    if (public is None) != (public_key_id is None):
+        raise ConfigError(file, sec.path("public_key_id" if public_key_id is None else "public_key_file"),
+                          "WeChat Pay public-key mode needs both public_key_file and public_key_id")
+    if public is not None:
+        try:
+            load_public_key(public[0])
+        except PayCryptoError as exc:
+            raise ConfigError(file, sec.path("public_key_file"), f"{public[1]}: {exc}") from None
+        if not public_key_id.startswith("PUB_KEY_ID_"):  # type: ignore[union-attr]
+            raise ConfigError(file, sec.path("public_key_id"), "must start with PUB_KEY_ID_")
+    merchant = Merchant(
+        name=name, mchid=mchid, serial_no=serial_no.upper(), private_key_pem=private, apiv3_key=apiv3,
+        public_key_pem=public[0] if public else None, public_key_id=public_key_id,
+        notify_to=sec.get("notify_to", _url(file), None), upstream=sec.get("upstream", _url(file), DEFAULT_PAY_UPSTREAM),
+        allow=sec.get("allow", _allow_list(file), AllowList()), files=tuple(files))
+    sec.done()
+    return merchant
 
 
 def _parse_push(sec: _Section, file: str, token_api: str, platform_token: str | None, platform_aes: str | None,

@@ -15,11 +15,12 @@ from typing import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from .config import App, Config, ConfigError
+from .config import App, Config, ConfigError, Merchant
 from .credentials import MemoryStore, TokenManager, TokenStore, make_fetcher
 from .credentials.fetchers import TicketFetcher
 from .credentials.kinds import KINDS
 from .credentials.kinds import store_key as credential_key
+from .credentials.pay import CertificateFetcher, PayMerchant, certificates_app
 from .credentials.platform import (
     AuthorizerFetcher,
     ComponentFetcher,
@@ -33,10 +34,12 @@ from .inbound.component_push import COMPONENT_EVENT_PATH, ComponentPushes
 from .inbound.delivery import Delivery
 from .inbound.listener import CallbacksListener
 from .inbound.messages import MessageIntake
+from .inbound.pay_notify import PayNotifications
 from .ops.admin import AdminRoutes, admin_error
 from .ops.logs import AccessLog
 from .ops.metrics import Metrics
 from .outbound.forward import NOTED_HEADERS, Forwarder
+from .outbound.pay_calls import PayCalls
 
 log = logging.getLogger("proxy.server")
 
@@ -73,6 +76,8 @@ class Sidecar:
         self.delivery = Delivery()
         self.metrics.delivery = self.delivery
         self.component_pushes: ComponentPushes | None = None
+        self.merchants: dict[str, PayMerchant] = {}          # WeChat Pay merchants, by name
+        self.pay_notifications: PayNotifications | None = None
         self.intake: MessageIntake | None = None
         self.access = AccessLog(config.log.format, on=config.log.access)
         self._retired: set[asyncio.Task[None]] = set()
@@ -100,6 +105,7 @@ class Sidecar:
         self.platforms = {app.name: self._platform(app, self.managers[app.name])
                           for app in cfg.apps if app.token_api == "component"}
         self.metrics.watch(self.managers, self.store, self.platforms)
+        self.merchants = {m.name: self._merchant(m) for m in cfg.merchants}
         self.forwarder = self._forwarder(cfg, self.managers, self.platforms)
         for manager in self.managers.values():
             manager.start()
@@ -111,8 +117,30 @@ class Sidecar:
         pushes = self.component_pushes = ComponentPushes(platforms)
         assert self.store is not None
         self.intake = MessageIntake(cfg, self.store, self.delivery, pushes, self.count_push)
+        pay = PayCalls(cfg, self.merchants, self.pools, self.egress) if self.merchants else None
+        self.pay_notifications = (PayNotifications(self.merchants, self.store, lambda: self.delivery.session,
+                                                   self.count_push) if self.merchants else None)
         return Forwarder(cfg, managers, self.pools, self.metrics, self.access, platforms,
-                         push_answers={COMPONENT_EVENT_PATH: pushes.handle}, egress=self.egress)
+                         push_answers={COMPONENT_EVENT_PATH: pushes.handle}, egress=self.egress, pay=pay)
+
+    def _merchant(self, merchant: Merchant) -> PayMerchant:
+        """A merchant's keys, and its platform certificates as a credential of
+        the engine: fetched at start, or beside a public key only when a
+        serial it does not know turns up (lazy)."""
+        assert self.session is not None and self.store is not None
+        pay = PayMerchant(merchant)
+        manager = TokenManager(certificates_app(merchant), CertificateFetcher(pay, self.session,
+                                                                              self.config.upstream.timeout_s),
+                               self.store, role=self.config.store.role, on_store_down=self.config.store.on_store_down,
+                               key=f"paycerts:{merchant.mchid}", name=f"{merchant.name}/certificates")
+        m = self.metrics
+        manager.on_fetch = lambda result: m.fetches.labels(merchant.name, "pay_certificates", result).inc()
+        pay.certificates = manager
+        if merchant.public_key_pem is None:
+            manager.start()
+        else:
+            manager.lazy = True
+        return pay
 
     def _manager(self, app: App) -> TokenManager:
         assert self.session is not None and self.store is not None
@@ -220,6 +248,11 @@ class Sidecar:
                                 else self._platform(app, managers[app.name]))
                      for app in effective.apps if app.token_api == "component"}
         retired_platforms = [p for name, p in self.platforms.items() if platforms.get(name) is not p]
+        merchants = {m.name: (self.merchants[m.name] if self.merchants.get(m.name) is not None
+                              and self.merchants[m.name].merchant == m else self._merchant(m))
+                     for m in effective.merchants}
+        retired_platforms += [p for name, p in self.merchants.items() if merchants.get(name) is not p]  # type: ignore
+        self.merchants = merchants
         self.config = effective
         self.managers = managers
         self.platforms = platforms
@@ -262,6 +295,8 @@ class Sidecar:
         await self.delivery.close()
         for platform in self.platforms.values():
             await platform.close()
+        for merchant in self.merchants.values():
+            await merchant.close()
         for manager in self.managers.values():
             await manager.close()
         if self.store is not None:
@@ -421,7 +456,8 @@ async def start_sidecar(config: Config) -> Running:
     callbacks = None
     if config.callbacks is not None:
         listener = CallbacksListener(lambda: sidecar.intake, lambda: sidecar.component_pushes,  # type: ignore
-                                     lambda: sidecar.platforms, sidecar.count_push)
+                                     lambda: sidecar.platforms, sidecar.count_push,
+                                     lambda: sidecar.pay_notifications)
         callbacks = web.AppRunner(listener.app(), access_log=None, handle_signals=False,
                                   shutdown_timeout=min(config.shutdown_grace_s, 1.0),
                                   keepalive_timeout=config.client_timeout_s, max_line_size=PARSER_MAX_LINE,

@@ -15,6 +15,7 @@ from ..http.server import json_error_body
 from .component_push import ComponentPushes
 from .envelope import PushRefused
 from .messages import MessageIntake
+from .pay_notify import PayNotifications
 
 log = logging.getLogger("proxy.callbacks")
 
@@ -32,9 +33,25 @@ def callback_error(status: int, why: str) -> web.Response:
 
 class CallbacksListener:
     def __init__(self, intake: Callable[[], MessageIntake], component: Callable[[], ComponentPushes],
-                 platforms: Callable[[], dict], count: Callable[[str, str], None]):
+                 platforms: Callable[[], dict], count: Callable[[str, str], None],
+                 pay: Callable[[], "PayNotifications | None"] = lambda: None):
         # Looked up per push: a reload replaces them.
         self.intake, self.component, self.platforms, self.count = intake, component, platforms, count
+        self.pay = pay
+
+    async def pay_notification(self, request: web.Request) -> web.Response:
+        """WeChat Pay's notifications (pay_notify.py)."""
+        notifications = self.pay()
+        name = request.match_info["merchant"]
+        if notifications is None:
+            return callback_error(404, "no WeChat Pay merchants are configured")
+        if request.method != "POST":
+            return callback_error(405, "WeChat Pay notifications are POST")
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        answer = await notifications.take(name, headers, body)
+        return web.Response(status=answer.status, body=answer.body or None,
+                            content_type="application/json" if answer.body else None)
 
     @web.middleware
     async def access(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -93,5 +110,6 @@ class CallbacksListener:
         app = web.Application(middlewares=[self.access], client_max_size=MAX_PUSH_BYTES)
         app.router.add_route("*", "/wechat/{app}", self.push)
         app.router.add_route("*", "/wechat/{app}/{authorizer}", self.push)
+        app.router.add_route("*", "/pay/{merchant}", self.pay_notification)
         app.router.add_route("*", "/{tail:.*}", self.not_here)
         return app

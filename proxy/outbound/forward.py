@@ -29,6 +29,7 @@ from ..ops.logs import AccessLog
 from ..ops.metrics import Metrics
 from ..wechat import jssdk
 from . import jssdk_request
+from .pay_calls import PayCalls
 from .platform_calls import QUERY_AUTH_PATH, Handler, PlatformCalls
 from .replies import SIDECAR_ROOT, held
 
@@ -155,9 +156,11 @@ class Forwarder:
     def __init__(self, config: Config, managers: dict[str, TokenManager],
                  pools: dict[str, UpstreamPool], metrics: Metrics | None = None,
                  access: AccessLog | None = None, platforms: dict[str, Platform] | None = None,
-                 push_answers: dict[str, Handler] | None = None, egress: Egress | None = None):
+                 push_answers: dict[str, Handler] | None = None, egress: Egress | None = None,
+                 pay: "PayCalls | None" = None):
         self.config = config
         self.egress = egress
+        self.pay = pay                  # WeChat Pay calls and answers, when merchants are configured
         self._fallbacks = egress is not None and len(egress.hosts) > 1
         self.managers = managers
         self.platforms = platforms or {}
@@ -254,8 +257,23 @@ class Forwarder:
 
     async def handle(self, request: Request) -> Reply:
         started = _monotonic()
-        routed = check_request(request) or self.check_caller(request) or self.route(request)
-        if isinstance(routed, Reply):
+        routed = check_request(request) or self.check_caller(request)
+        pay = None
+        if routed is None and self.pay is not None:
+            path = normalize_path(request.path)
+            pay = self.pay.route(path, request) if path is not None else None
+        if routed is None and pay is None:
+            routed = self.route(request)
+        if pay is not None:
+            # A WeChat Pay call or a pay answer: the merchant's, never an app's token.
+            if isinstance(pay, Reply):
+                response, app_name, appid = pay, None, None
+            else:
+                merchant, path = pay
+                response = await self.pay.handle(request, merchant, path)  # type: ignore[union-attr]
+                app_name, appid = merchant.merchant.name, merchant.merchant.mchid
+            errcode, replayed_from = None, None
+        elif isinstance(routed, Reply):
             response, errcode, replayed_from = routed, None, None
             app_name = appid = None
         else:

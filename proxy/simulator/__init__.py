@@ -31,6 +31,7 @@ from .core import (
     SimSettings,
     media_bytes,
 )
+from .pay import PayApis
 from .platform import PlatformApis
 from .pushes import DEMO_MESSAGE_AES_KEY, DEMO_MESSAGE_TOKEN, PushApis
 from .tickets import TicketApis
@@ -42,7 +43,7 @@ __all__ = ["DEMO_APPID", "DEMO_AUTHORIZER_APPID", "DEMO_COMPONENT_AES_KEY", "DEM
            "MEDIA_CHUNK", "Issued", "SimSettings", "WeChatSimulator", "main", "media_bytes"]
 
 
-class WeChatSimulator(TokenApis, TicketApis, PlatformApis, PushApis):
+class WeChatSimulator(TokenApis, TicketApis, PlatformApis, PushApis, PayApis):
     """WeChat, as wechat-api-notes.md describes it: one API family per module."""
 
     def app(self) -> web.Application:
@@ -65,6 +66,7 @@ class WeChatSimulator(TokenApis, TicketApis, PlatformApis, PushApis):
         app.router.add_route("POST", "/_sim/component/unauthorize", self.ctl_unauthorize)
         app.router.add_route("POST", "/_sim/component/bulk_authorize", self.ctl_bulk_authorize)
         app.router.add_route("POST", "/_sim/push_message", self.ctl_push_message)
+        self.pay_routes(app)
         app.cleanup_ctx.append(self._start_pushes)
         app.router.add_route("*", "/_sim/settings", self.ctl_settings)
         app.router.add_route("POST", "/_sim/rotate", self.ctl_rotate)
