@@ -75,6 +75,7 @@ class Sidecar:
         # Pushes from WeChat (the callbacks listener): their delivery to apps.
         self.delivery = Delivery()
         self.metrics.delivery = self.delivery
+        self.metrics.merchants = lambda: self.merchants
         self.component_pushes: ComponentPushes | None = None
         self.merchants: dict[str, PayMerchant] = {}          # WeChat Pay merchants, by name
         self.pay_notifications: PayNotifications | None = None

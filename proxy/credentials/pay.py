@@ -37,6 +37,9 @@ UNKNOWN_SERIAL_REFETCH_S = 60.0
 SIGNATURE_WINDOW_S = 300
 
 
+_NONE: dict[str, Any] = {}     # no certificates (one object, so keys() can cache on it)
+
+
 class SignatureInvalid(Exception):
     """An answer or notification that does not verify: why, safe to show."""
 
@@ -109,6 +112,7 @@ class PayMerchant:
         self.certificates: TokenManager | None = None
         self._parsed: tuple[str, dict[str, Any], dict[str, Any]] | None = None   # (value, keys, info)
         self._refetched_at = -UNKNOWN_SERIAL_REFETCH_S
+        self._keys: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     # -- signing
 
@@ -124,7 +128,7 @@ class PayMerchant:
     def _certificates(self) -> tuple[dict[str, Any], dict[str, Any]]:
         token = self.certificates.current() if self.certificates is not None else None
         if token is None:
-            return {}, {}
+            return _NONE, _NONE
         if self._parsed is None or self._parsed[0] != token.value:
             info = json.loads(token.value)
             keys = {serial: wxpay.load_public_key(c["pem"].encode()) for serial, c in info.items()}
@@ -132,10 +136,14 @@ class PayMerchant:
         return self._parsed[1], self._parsed[2]
 
     def keys(self) -> dict[str, Any]:
-        keys = dict(self._certificates()[0])
-        if self.public_key is not None:
-            keys[self.merchant.public_key_id] = self.public_key
-        return keys
+        """Every key by serial: made once per certificate list, not per call."""
+        certificates = self._certificates()[0]
+        if self._keys is None or self._keys[0] is not certificates:
+            keys = dict(certificates)
+            if self.public_key is not None:
+                keys[self.merchant.public_key_id.upper()] = self.public_key  # type: ignore[union-attr]
+            self._keys = (certificates, keys)
+        return self._keys[1]
 
     async def keys_knowing(self, serial: str) -> dict[str, Any]:
         """The keys, with the certificates fetched again first when `serial`
@@ -182,9 +190,9 @@ class PayMerchant:
         if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > SIGNATURE_WINDOW_S:
             raise SignatureInvalid(f"Wechatpay-Timestamp more than {SIGNATURE_WINDOW_S} s from now")
         keys = self.keys() if keys is None else keys
-        if self.public_key is not None and self.merchant.public_key_id:
-            keys = {**keys, self.merchant.public_key_id.upper(): self.public_key}
         key = keys.get(serial)
+        if key is None and self.public_key is not None and serial == (self.merchant.public_key_id or "").upper():
+            key = self.public_key
         if key is None:
             raise SignatureInvalid(f"Wechatpay-Serial {serial[:40]} names no key this merchant holds")
         if not wxpay.verify(key, wxpay.answer_message(timestamp, nonce, body), signature):

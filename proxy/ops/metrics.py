@@ -124,6 +124,7 @@ class Metrics:
         self.refused_ips: set[str] = set()       # egress IPs WeChat refused, each logged once
         self.egress: Any = None                  # http.egress.Egress: host switches
         self.delivery: Any = None                # inbound.delivery.Delivery: queues and drops
+        self.merchants: Any = lambda: {}         # () -> the WeChat Pay merchants (credentials.pay.PayMerchant)
         self.pushes = Family("wts_pushes", "Pushes from WeChat on the callbacks listener, by app and result "
                              "(delivered, duplicate, late, queued, refused, verified)", "counter", ("app", "result"))
         self._store: "TokenStore | None" = None
@@ -218,6 +219,12 @@ class Metrics:
             for reason, count in state.dropped.items():
                 dropped.labels(app, reason).set(count)
         parts += (dropped.render(), depth.render())
+        expiry = Family("wts_pay_certificate_expires_in_seconds", "Seconds until each WeChat Pay platform "
+                        "certificate held expires, by merchant and serial", "gauge", ("merchant", "serial"))
+        for name, merchant in self.merchants().items():
+            for cert in merchant.status()["certificates"]:
+                expiry.labels(name, cert["serial"]).set(cert["expires_in_days"] * 86400)
+        parts.append(expiry.render())
         switches = Family("wts_upstream_host_switches", "Calls and fetches moved to another upstream host "
                           "(upstream.fallback) because a connection could not be made", "counter", ())
         switches.labels().set(getattr(self.egress, "switches", 0))

@@ -76,4 +76,5 @@ async def status(history: History, sidecar: Any) -> dict[str, Any]:
         if pushes is not None:
             entry["pushes"] = {k: pushes[k] for k in ("delivered", "queued", "dropped", "last_failure")}
         apps.append(entry)
-    return {"apps": apps, "merchants": [], "store": sidecar.config.store.kind}
+    merchants = [m.status() for m in getattr(sidecar, "merchants", {}).values()]
+    return {"apps": apps, "merchants": merchants, "store": sidecar.config.store.kind}

@@ -143,7 +143,13 @@ function render(data) {
   }
   const merchants = el("section", {class: "card", "data-section": "merchants"}, el("h2", {text: "WeChat Pay merchants"}));
   if (!data.merchants.length) merchants.append(el("div", {class: "sub", text: "none configured"}));
-  for (const m of data.merchants) merchants.append(el("div", {class: "cred", text: m.name + ": " + m.serial + " expires " + m.expires}));
+  for (const m of data.merchants) {
+    merchants.append(el("div", {class: "sub", "data-merchant": m.name, text: m.name + " \u00b7 mchid " + m.mchid +
+      (m.public_key_id ? " \u00b7 public key " + m.public_key_id : "")}));
+    if (!m.certificates.length) merchants.append(el("div", {class: "msg", text: "no platform certificate held"}));
+    for (const c of m.certificates) merchants.append(el("div", {class: "figures"},
+      el("span", {}, "certificate ", el("b", {text: c.serial})), el("span", {text: "expires in " + c.expires_in_days + " days"})));
+  }
   box.append(merchants);
 }
 function tick() {

@@ -103,7 +103,8 @@ class PayCalls:
             return sidecar_error(502, str(exc))
         finally:
             resp.release()
-        answer_headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in resp.relay_headers}
+        answer_headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in resp.relay_headers
+                          if k[:10].lower() == b"wechatpay-"}
         serial = answer_headers.get("wechatpay-serial", "").strip().upper()
         try:
             merchant.verify(answer_headers, data, await merchant.keys_knowing(serial))

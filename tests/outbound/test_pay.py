@@ -265,6 +265,12 @@ async def test_no_key_material_in_any_output(make_sidecar, sim, http, keys, merc
         assert resp.status == 200
     async with http.get(f"{running.admin}/admin/status") as resp:
         status = await resp.text()
+    merchant = json.loads(status)["merchants"][0]                 # serials and expiry: shown
+    assert merchant["name"] == "acme" and merchant["certificates"][0]["serial"] == sim.pay_certificates[-1]["serial"]
+    assert merchant["certificates"][0]["expires_in_days"] > 1000
+    from ..ops.test_admin import metric, scrape
+    assert metric(await scrape(http, running), "wts_pay_certificate_expires_in_seconds", merchant="acme",
+                  serial=sim.pay_certificates[-1]["serial"]) > 86400 * 1000
     text = "\n".join(r.getMessage() for r in caplog.records) + status + running.sidecar.config.summary() + \
         repr(running.sidecar.config)
     private_pem = keys[0].read_text()
