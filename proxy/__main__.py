@@ -7,8 +7,10 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from . import config as config_mod
 from .ops import logs
@@ -99,6 +101,11 @@ async def _demo(port: int, admin_port: int, sim_port: int, platform: bool = Fals
     # each text message with a passive reply.
     receiver = web.Application()
     receiver.router.add_post("/wechat", _demo_receiver)
+    receiver.router.add_post("/pay/notify", _demo_pay_receiver)
+    # A WeChat Pay merchant: its keys made now, known to the simulator's Pay server.
+    pay_dir = tempfile.TemporaryDirectory(prefix="wts-demo-pay-")
+    merchant_key, merchant_public = _demo_merchant_keys(Path(pay_dir.name))
+    sim.pay_register_merchant(DEMO_MCHID, merchant_public, DEMO_MERCHANT_SERIAL, DEMO_APIV3_KEY)
     receiver_runner = web.AppRunner(receiver, access_log=None)
     await receiver_runner.setup()
     await web.TCPSite(receiver_runner, "127.0.0.1", 0).start()
@@ -119,7 +126,12 @@ apps:
 """ + (f"""
   - {{name: plat, appid: {DEMO_COMPONENT_APPID}, secret: {DEMO_COMPONENT_SECRET}, token_api: component,
       token: {DEMO_COMPONENT_TOKEN}, encoding_aes_key: {DEMO_COMPONENT_AES_KEY}}}
-""" if platform else ""), "<demo>", env={})
+""" if platform else "") + f"""
+merchants:
+  - {{name: acme, mchid: "{DEMO_MCHID}", serial_no: {DEMO_MERCHANT_SERIAL}, upstream: "http://127.0.0.1:{sim_port}",
+      private_key_file: {merchant_key}, apiv3_key_file: {Path(pay_dir.name) / "apiv3.key"},
+      notify_to: "http://127.0.0.1:{receiver_port}/pay/notify"}}
+""", "<demo>", env={})
     try:
         running = await start_sidecar(cfg)
     except OSError as exc:
@@ -130,6 +142,7 @@ apps:
         return 1
     p, a = running.proxy_port, running.admin_port
     sim.settings.message_push_url = f"http://127.0.0.1:{running.callbacks_port}/wechat/mp"
+    sim.settings.pay_notify_url = f"http://127.0.0.1:{running.callbacks_port}/pay/acme"
     if platform:
         # WeChat pushes the platform a verify ticket every 10 minutes; the
         # first one now, so the component token is there at once.
@@ -185,6 +198,12 @@ Try these in another terminal:
   # app beside it gets plain XML and answers; its reply goes back encrypted (the simulator decrypts it)
   curl -s -X POST 'http://127.0.0.1:{sim_port}/_sim/push_message?text=hello'
 
+  # WeChat Pay: an order, signed by the sidecar (the app holds no merchant key); the answer verified
+  curl -s -X POST -H 'Content-Type: application/json' -d '{{"appid":"{DEMO_APPID}","mchid":"{DEMO_MCHID}","description":"a cup","out_trade_no":"DEMO1","notify_url":"https://example.com/pay","amount":{{"total":1}},"payer":{{"openid":"oDemoUser"}}}}' 'http://127.0.0.1:{p}/v3/pay/transactions/jsapi'
+  # the signed parameters a page gives wx.requestPayment, and WeChat Pay's notification, verified and decrypted
+  curl -s 'http://127.0.0.1:{p}/sidecar/pay/jsapi?appid={DEMO_APPID}&prepay_id=wx06100000000000demo'
+  curl -s -X POST 'http://127.0.0.1:{sim_port}/_sim/pay/notify?out_trade_no=DEMO1'
+
   # health, readiness, per-app state, refresh now
   curl -s http://127.0.0.1:{a}/readyz
   curl -s http://127.0.0.1:{a}/admin/apps
@@ -204,6 +223,7 @@ Press Ctrl-C to stop.
     await running.stop()
     await sim_runner.cleanup()
     await receiver_runner.cleanup()
+    pay_dir.cleanup()
     print("demo stopped")
     return 0
 
@@ -222,6 +242,34 @@ async def _demo_receiver(request):  # type: ignore[no-untyped-def]
                              f"<![CDATA[gh_demo]]></FromUserName><CreateTime>{int(time.time())}</CreateTime>"
                              f"<MsgType><![CDATA[text]]></MsgType><Content><![CDATA[you said: {said.group(1)}]]>"
                              f"</Content></xml>", content_type="text/xml")
+
+
+DEMO_MCHID = "1900000109"
+DEMO_MERCHANT_SERIAL = "5157F09EFDC096DE15EBE81A47057A72"
+DEMO_APIV3_KEY = b"demo-apiv3-key-0123456789abcdefg"[:32]
+
+
+def _demo_merchant_keys(directory: Path) -> tuple[Path, bytes]:
+    """A merchant private key file (and the APIv3 key file) for the demo; its public key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = directory / "apiclient_key.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    (directory / "apiv3.key").write_bytes(DEMO_APIV3_KEY)
+    return path, key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+async def _demo_pay_receiver(request):  # type: ignore[no-untyped-def]
+    """The demo app's payment notifications: printed, acknowledged."""
+    from aiohttp import web
+    note = await request.json()
+    resource = note.get("resource", {})
+    print(f"demo app: payment notification {request.headers.get('X-WeChat-Notification-Id')}: "
+          f"{resource.get('out_trade_no')} {resource.get('trade_state')}", flush=True)
+    return web.Response(status=204)
 
 
 def main(argv: list[str] | None = None) -> int:

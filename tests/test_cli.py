@@ -195,6 +195,8 @@ def test_demo_prints_curl_lines_that_work(tmp_path):
         assert '"ticket": "SIM_TK_jsapi_' in joined and '"signature": "' in joined
         # the simulator's push reached the demo app through the sidecar; the app's reply came back encrypted
         assert "you said: hello" in joined and '"encrypted": true' in joined
+        # WeChat Pay: an order signed by the sidecar, the page's signed parameters, a notification delivered
+        assert '"prepay_id": "wx' in joined and '"paySign": "' in joined and '"status": 204' in joined
         stats = json.loads(outputs[-1])
         # start-up, the rotation, and the admin refresh, unless that came within
         # 0.5 s of the rotation's refresh: then that refresh is its answer

@@ -46,6 +46,7 @@ class SimSettings:
     token_fault: str = ""            # "", http500, busy, garbage, html, empty, no_token, absurd_expires, errcode:N
     egress_ip: str = "203.0.113.7"   # the caller's IP as WeChat names it in 40164 (not whitelisted)
     message_push_url: str = ""       # an account's server URL for message pushes (/_sim/push_message)
+    pay_notify_url: str = ""         # where WeChat Pay notifications go (/_sim/pay/notify)
     error_content_type: str = "application/json; encoding=utf-8"
     reject_all: bool = False         # every business call answers 40001
     wecom_errors: bool = False       # answer bad tokens as WeCom does: 40014, not 40001 (§8)

@@ -234,7 +234,23 @@ class PayApis(SimCore):
                    "Wechatpay-Signature-Type": wxpay.SCHEME, "Content-Type": "application/json"}
         return headers, body
 
+    async def ctl_pay_notify(self, request: web.Request) -> web.Response:
+        """POST /_sim/pay/notify?mchid=..&out_trade_no=..[&url=..]: WeChat Pay notifies the merchant."""
+        import aiohttp
+        self.pay_setup()
+        mchid = request.query.get("mchid") or next(iter(self.pay_merchants), "")
+        url = request.query.get("url") or self.settings.pay_notify_url
+        if mchid not in self.pay_merchants or not url:
+            return web.json_response({"error": "unknown mchid, or no url (?url= or settings.pay_notify_url)"},
+                                     status=400)
+        headers, body = self.pay_notification(mchid, request.query.get("out_trade_no", "DEMO"))
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, data=body, headers=headers) as resp:
+                answer = await resp.read()
+                return web.json_response({"status": resp.status, "answer": answer.decode("utf-8", "replace")})
+
     def pay_routes(self, app: web.Application) -> None:
+        app.router.add_route("POST", "/_sim/pay/notify", self.ctl_pay_notify)
         app.router.add_route("GET", "/v3/certificates", self.pay_certificates_api)
         app.router.add_route("POST", "/v3/pay/transactions/jsapi", self.pay_jsapi_order)
         app.router.add_route("GET", "/v3/pay/transactions/out-trade-no/{out_trade_no}", self.pay_query_order)

@@ -13,7 +13,6 @@ import logging
 import re
 import time
 
-import aiohttp
 import pytest
 from aiohttp import web
 from wechatpy.crypto import PrpCrypto, WeChatCrypto
@@ -21,7 +20,7 @@ from wechatpy.crypto import PrpCrypto, WeChatCrypto
 from proxy.inbound import delivery as delivery_mod
 from proxy.wechat.crypto import plain_signature
 
-from ..conftest import APPID, SECRET, free_port, sidecar_yaml, wait_until
+from ..conftest import APPID, free_port, sidecar_yaml, wait_until
 from ..ops.test_admin import metric, scrape
 
 TOKEN = "push-token-Xy7"

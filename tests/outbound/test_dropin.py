@@ -11,7 +11,7 @@ import pytest
 
 from proxy.outbound.forward import NO_TOKEN_TABLE
 
-from ..conftest import APPID, APPID2, CORPID, CORPSECRET, SECRET, mini_app_yaml, sidecar_yaml, wait_until
+from ..conftest import APPID, APPID2, CORPID, CORPSECRET, SECRET, mini_app_yaml, sidecar_yaml
 
 TOKEN_ERRORS = (40001, 40014, 42001)
 
