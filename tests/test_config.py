@@ -1,4 +1,4 @@
-"""proxy/config.py: expansion, validation, and errors that name file, key, reason."""
+"""proxy/config/: expansion, validation, and errors that name file, key, reason."""
 from __future__ import annotations
 
 import subprocess
