@@ -130,20 +130,22 @@ class MessageIntake:
         msg_id = message_id(fields, message)
         key = f"{app.name}:{account.appid}:{msg_id}"
         try:
-            first = await self.store.claim_once(f"push:{key}", DEDUPE_S)
-            if not first:
+            # A push seen before (its timestamp and nonce, so its signature)
+            # is a replay, refused on every replica. Keyed on the signature:
+            # digits moved between timestamp and nonce keep it (the values are
+            # joined with no separator), and a plaintext push's signature does
+            # not cover its body, so a captured one cannot carry another in.
+            # WeChat's own retries come with a new timestamp and nonce.
+            if not await self.store.claim_once(f"pushsig:{app.name}:{proof}", REPLAY_MEMORY_S):
+                self.count(app.name, "replayed")
+                raise PushRefused(403, "push already taken (its timestamp, nonce and signature were seen)")
+            if not await self.store.claim_once(f"push:{key}", DEDUPE_S):
                 # WeChat's retry of a message taken already (on any replica):
                 # the first reply if there was one, else success.
                 self.count(app.name, "duplicate")
                 kept = await self.store.get_value_ttl(f"pushreply:{key}")
                 reply = base64.b64decode(kept) if kept else SUCCESS
                 return self._answer(account, reply, encrypted, timestamp, nonce, as_json)
-            # A new message: its (signature, timestamp, nonce) must be new too.
-            # A plaintext push's signature does not cover its body, so a
-            # captured one must not carry another body in (push notes §3).
-            if not await self.store.claim_once(f"pushnonce:{app.name}:{proof}:{timestamp}:{nonce}", REPLAY_MEMORY_S):
-                await self.store.release_claim(f"push:{key}")
-                raise PushRefused(403, "push already taken (its timestamp and nonce were seen)")
         except StoreUnavailable as exc:
             raise PushRefused(503, f"store unavailable: {exc}") from None
         deliver = Message(app.name, account.appid, msg_id, message, as_json, app.push.deliver_to)  # type: ignore[union-attr]

@@ -34,7 +34,7 @@ class PushApis(SimCore):
                      at: float | None = None) -> tuple[str, bytes]:
         """(query, body) of one push in `mode` (plaintext, compatible, safe)."""
         token, key = self.message_account(appid)
-        timestamp, nonce = str(int(time.time() if at is None else at)), str(secrets.randbelow(10 ** 10))
+        timestamp, nonce = str(int(time.time() if at is None else at)), str(secrets.randbelow(10 ** 10) + 1)
         query = f"signature={plain_signature(token, timestamp, nonce)}&timestamp={timestamp}&nonce={nonce}" \
                 "&openid=oDemoUser"
         if mode == "plaintext":
@@ -76,10 +76,12 @@ class PushApis(SimCore):
         """Push `message` to `url` as WeChat does: wait 5 s, send it again up
         to three times; the answer as WeChat reads it."""
         import aiohttp
-        query, body = self.message_push(appid, message, mode, as_json)
         attempts, answer, status = 0, None, 0
         async with aiohttp.ClientSession() as session:
             for attempts in range(1, PUSH_RETRIES + 2):
+                # Each send is signed afresh: a new timestamp and nonce (what a
+                # replay guard on them assumes of WeChat's retries, push notes §6).
+                query, body = self.message_push(appid, message, mode, as_json)
                 try:
                     async with session.post(f"{url}?{query}", data=body, timeout=aiohttp.ClientTimeout(
                             total=PUSH_WAIT_S)) as resp:

@@ -280,23 +280,33 @@ async def test_a_captured_plaintext_signature_cannot_carry_another_message(make_
 async def test_wechats_retries_are_delivered_once_and_get_the_first_reply(make_sidecar, sim, http, receiver):
     running = await start(make_sidecar, sim, receiver)
     receiver.reply = b"<xml><Content><![CDATA[first]]></Content></xml>"
-    push = plain_push(text_message(msg_id=4242))
-    answers = [await post(http, running, *push) for _ in range(4)]      # the push and WeChat's 3 retries
+    message = text_message(msg_id=4242)
+    # the push and WeChat's 3 retries, each with its own timestamp and nonce
+    answers = [await post(http, running, *plain_push(message, nonce=f"40{n}")) for n in range(4)]
     assert answers == [(200, receiver.reply)] * 4
     assert len(receiver.got) == 1
     assert metric(await scrape(http, running), "wts_pushes_total", app="mp", result="duplicate") == 3
 
 
+async def test_a_push_replayed_as_it_was_is_refused_on_its_timestamp_and_nonce(make_sidecar, sim, http, receiver):
+    running = await start(make_sidecar, sim, receiver)
+    for push in (plain_push(text_message(msg_id=5151)), safe_push(text_message(msg_id=5152))):
+        assert (await post(http, running, *push))[0] == 200
+        status, body = await post(http, running, *push)                  # byte for byte
+        assert status == 403 and b"already taken" in body
+    assert len(receiver.got) == 2
+
+
 async def test_a_slow_app_never_shows_the_user_an_error(make_sidecar, sim, http, receiver):
     running = await start(make_sidecar, sim, receiver, within=0.3)
     receiver.delay, receiver.reply = 1.0, b"<xml><Content><![CDATA[late]]></Content></xml>"
-    push = plain_push(text_message(msg_id=9090))
+    message = text_message(msg_id=9090)
     started = time.monotonic()
-    assert await post(http, running, *push) == (200, b"success")       # within the 5 s WeChat waits
+    assert await post(http, running, *plain_push(message, nonce="1")) == (200, b"success")   # within WeChat's 5 s
     assert time.monotonic() - started < 0.9
     await wait_until(lambda: receiver.got, timeout=3)
     await asyncio.sleep(1.0)                                             # the app answers at last
-    assert await post(http, running, *push) == (200, receiver.reply)     # WeChat's retry gets that reply
+    assert await post(http, running, *plain_push(message, nonce="2")) == (200, receiver.reply)  # WeChat's retry
     assert len(receiver.got) == 1
 
 
@@ -383,8 +393,9 @@ async def test_two_sidecars_on_one_redis_deliver_a_message_once_whichever_wechat
     async with http.post(f"{first[2]}/wechat/mp?{push[0]}", data=push[1]) as resp:
         assert resp.status == 200
         first_answer = await resp.read()
-    for _ in range(3):                      # WeChat's retries reach the other replica
-        async with http.post(f"{second[2]}/wechat/mp?{push[0]}", data=push[1]) as resp:
+    for n in range(3):                      # WeChat's retries (new timestamp and nonce) reach the other replica
+        retry = safe_push(text_message(msg_id=123123123), nonce=f"99{n}")
+        async with http.post(f"{second[2]}/wechat/mp?{retry[0]}", data=retry[1]) as resp:
             assert resp.status == 200
             retry_answer = await resp.read()
         crypto = WeChatCrypto(TOKEN, AES_KEY, APPID)
@@ -392,7 +403,8 @@ async def test_two_sidecars_on_one_redis_deliver_a_message_once_whichever_wechat
             text = answer.decode()
             ts = re.search(r"<TimeStamp>(\d+)</TimeStamp>", text).group(1)
             sig = re.search(r"<MsgSignature><!\[CDATA\[(.*?)\]\]></MsgSignature>", text).group(1)
-            assert crypto.decrypt_message(text, sig, ts, "765432") == receiver.reply.decode()
+            nonce = re.search(r"<Nonce><!\[CDATA\[(.*?)\]\]></Nonce>", text).group(1)
+            assert crypto.decrypt_message(text, sig, ts, nonce) == receiver.reply.decode()
     assert len(receiver.got) == 1
     for proc, _, _ in replicas:
         assert "Traceback" not in proc.output()
