@@ -27,7 +27,6 @@ from .credentials.platform import (
     Platform,
     authorizer_key,
 )
-from .http.client import UpstreamPool
 from .http.egress import Egress, EgressSession
 from .http.server import HttpServer, Reply, Request
 from .inbound.component_push import COMPONENT_EVENT_PATH, ComponentPushes
@@ -40,6 +39,7 @@ from .ops.logs import AccessLog
 from .ops.metrics import Metrics
 from .outbound.forward import NOTED_HEADERS, Forwarder
 from .outbound.pay_calls import PayCalls
+from .outbound.pools import Pools
 
 log = logging.getLogger("proxy.server")
 
@@ -70,10 +70,13 @@ class Sidecar:
         self._observers: dict[str, tuple[Callable[[str], None], Callable[[str], None]]] = {}
         self.forwarder: Forwarder | None = None
         self.metrics = Metrics()
-        self.pools: dict[str, UpstreamPool] = {}   # business calls, by upstream base URL
-        self.egress: Egress | None = None
+        # Every connection to WeChat goes out through one egress: the proxy,
+        # the CAs and the fallback hosts (token fetches and business calls alike).
+        up = config.upstream
+        self.egress = Egress(up.base_url, up.fallback, up.proxy, up.ca_file)
+        self.pools = Pools(up.timeout_s, self.egress)   # business calls, by upstream base URL
         # Pushes from WeChat (the callbacks listener): their delivery to apps.
-        self.delivery = Delivery()
+        self.delivery = Delivery(self.count_push)
         self.metrics.delivery = self.delivery
         self.metrics.merchants = lambda: self.merchants
         self.component_pushes: ComponentPushes | None = None
@@ -87,9 +90,6 @@ class Sidecar:
         cfg = self.config
         timeout = aiohttp.ClientTimeout(sock_connect=cfg.upstream.timeout_s,
                                         sock_read=cfg.upstream.timeout_s)
-        # Every connection to WeChat goes out through one egress: the proxy,
-        # the CAs and the fallback hosts (token fetches and business calls alike).
-        self.egress = Egress(cfg.upstream.base_url, cfg.upstream.fallback, cfg.upstream.proxy, cfg.upstream.ca_file)
         self.metrics.egress = self.egress
         self.session = EgressSession(  # type: ignore[assignment]
             self.egress,
@@ -118,11 +118,11 @@ class Sidecar:
         pushes = self.component_pushes = ComponentPushes(platforms)
         assert self.store is not None
         self.intake = MessageIntake(cfg, self.store, self.delivery, pushes, self.count_push)
-        pay = PayCalls(cfg, self.merchants, self.pools, self.egress) if self.merchants else None
+        pay = PayCalls(cfg, self.merchants, self.pools) if self.merchants else None
         self.pay_notifications = (PayNotifications(self.merchants, self.store, lambda: self.delivery.session,
                                                    self.count_push) if self.merchants else None)
         return Forwarder(cfg, managers, self.pools, self.metrics, self.access, platforms,
-                         push_answers={COMPONENT_EVENT_PATH: pushes.handle}, egress=self.egress, pay=pay)
+                         push_answers={COMPONENT_EVENT_PATH: pushes.handle}, pay=pay)
 
     def _merchant(self, merchant: Merchant) -> PayMerchant:
         """A merchant's keys, and its platform certificates as a credential of
@@ -286,7 +286,8 @@ class Sidecar:
         app = self.config.app(name)
         if app is None or app.push is None:
             return None
-        return self.delivery.state(name).status(time.monotonic())
+        results = {result: int(n) for (app_name, result), n in self.metrics.pushes.values.items() if app_name == name}
+        return self.delivery.state(name).status(time.monotonic(), results)
 
     async def close(self) -> None:
         for task in list(self._retired):
@@ -302,8 +303,7 @@ class Sidecar:
             await manager.close()
         if self.store is not None:
             await self.store.close()
-        for pool in self.pools.values():
-            pool.close()
+        self.pools.close()
         self.access.flush()
         if self.session is not None:
             await self.session.close()

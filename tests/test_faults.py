@@ -7,12 +7,11 @@ import asyncio
 
 import aiohttp
 import pytest
-
 from aiohttp import web
 
 from proxy.config import App
-from proxy.simulator import WeChatSimulator
 from proxy.credentials import FailureKind, FetchError, make_fetcher
+from proxy.simulator import WeChatSimulator
 
 from .conftest import APPID, SECRET, free_port, past_coalescing, sidecar_yaml
 

@@ -25,6 +25,14 @@ def copy_tree(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def lint_with(tmp_path: Path, module: str, line: str) -> subprocess.CompletedProcess[str]:
+    """The tree with `line` added to `module` (a path under proxy/), linted."""
+    tree = copy_tree(tmp_path)
+    path = tree / "proxy" / module
+    path.write_text(path.read_text() + f"\n{line}  # noqa: E402,F401\n")
+    return lint(tree)
+
+
 def test_the_tree_keeps_every_layer_contract(tmp_path):
     result = lint(copy_tree(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -32,18 +40,12 @@ def test_the_tree_keeps_every_layer_contract(tmp_path):
 
 
 def test_a_credential_module_importing_the_outbound_side_breaks_the_layers(tmp_path):
-    tree = copy_tree(tmp_path)
-    policy = tree / "proxy" / "credentials" / "policy.py"
-    policy.write_text(policy.read_text() + "\nfrom ..outbound import forward  # noqa: E402,F401\n")
-    result = lint(tree)
+    result = lint_with(tmp_path, "credentials/policy.py", "from ..outbound import forward")
     assert result.returncode == 1
     assert "proxy.credentials.policy -> proxy.outbound.forward" in result.stdout
 
 
 def test_the_simulator_importing_the_engine_breaks_its_contract(tmp_path):
-    tree = copy_tree(tmp_path)
-    tokens = tree / "proxy" / "simulator" / "tokens.py"
-    tokens.write_text(tokens.read_text() + "\nfrom ..credentials import policy  # noqa: E402,F401\n")
-    result = lint(tree)
+    result = lint_with(tmp_path, "simulator/tokens.py", "from ..credentials import policy")
     assert result.returncode == 1
     assert "the simulator imports nothing of the sidecar" in result.stdout and "BROKEN" in result.stdout

@@ -387,16 +387,13 @@ def _secret_value(sec: _Section, file: str, key: str, files: list[str]) -> str |
         return sec.get(key, _str(file))
     if not has_file:
         return None
-    path = sec.get(f"{key}_file", _str(file))
+    data, path = _key_file(sec, file, f"{key}_file", files)  # type: ignore[misc]
     try:
-        value = read_small_file(path, MAX_SECRET_FILE_BYTES).decode("utf-8").strip()
-    except FileRefused as exc:
-        raise ConfigError(file, sec.path(f"{key}_file"), f"{path} {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(file, sec.path(f"{key}_file"), f"cannot read {path}: {exc.__class__.__name__}") from None
+        value = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(file, sec.path(f"{key}_file"), f"cannot read {path}: UnicodeDecodeError") from None
     if not value:
         raise ConfigError(file, sec.path(f"{key}_file"), f"{path} is empty")
-    files.append(path)
     return value
 
 

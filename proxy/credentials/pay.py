@@ -149,24 +149,30 @@ class PayMerchant:
         """The keys, with the certificates fetched again first when `serial`
         is one none of them knows (at most once a minute)."""
         keys = self.keys()
-        if serial in keys or self.certificates is None:
-            return keys
+        if serial not in keys:
+            await self.refetch_certificates(f"WeChat Pay serial {serial[:40]} is not one of {self.merchant.name}'s keys")
+            keys = self.keys()
+        return keys
+
+    async def refetch_certificates(self, why: str) -> None:
+        """Fetch the platform certificates again, at most once a minute (a
+        lazy manager, beside a public key, starts here)."""
         now = time.monotonic()
-        if now - self._refetched_at >= UNKNOWN_SERIAL_REFETCH_S or self.certificates.current() is None:
-            self._refetched_at = now
-            log.info("WeChat Pay serial %s is not one of %s's keys: fetching the certificates", serial[:40],
-                     self.merchant.name, extra={"event": "pay_unknown_serial", "app": self.merchant.name})
-            try:
-                self.certificates.ask()                   # a lazy one (beside a public key) starts now
-                held = self.certificates.current()
-                if held is None:
-                    await self.certificates.get()
-                else:
-                    await self.certificates.invalidate(held.value)
-            except TokenUnavailable as exc:
-                log.warning("WeChat Pay certificates unavailable: %s", exc,
-                            extra={"event": "pay_certificates_failed", "app": self.merchant.name})
-        return self.keys()
+        if self.certificates is None or (now - self._refetched_at < UNKNOWN_SERIAL_REFETCH_S
+                                         and self.certificates.current() is not None):
+            return
+        self._refetched_at = now
+        log.info("%s: fetching the certificates", why, extra={"event": "pay_unknown_serial", "app": self.merchant.name})
+        try:
+            self.certificates.ask()
+            held = self.certificates.current()
+            if held is None:
+                await self.certificates.get()
+            else:
+                await self.certificates.invalidate(held.value)
+        except TokenUnavailable as exc:
+            log.warning("WeChat Pay certificates unavailable: %s", exc,
+                        extra={"event": "pay_certificates_failed", "app": self.merchant.name})
 
     def encryption_key(self) -> tuple[str, Any] | None:
         """(serial, key) for sensitive fields: the public key, else the

@@ -214,18 +214,20 @@ class TokenState:
         base = max(FUTILE_BACKOFF_BASE_S, self.min_refresh_interval_s)
         return min(FUTILE_BACKOFF_CAP_S, base * 2 ** (self.futile - 1))
 
+    def spaced_at(self, now: float) -> float:
+        """Earliest moment the spacing since the last forced refresh allows another."""
+        return now if self._last_forced_at is None else max(now, self._last_forced_at + self.forced_spacing())
+
     def forced_fetch_at(self, now: float) -> float:
         """Earliest moment a forced refresh (rejected token, operator) may fetch:
         after the backoff, and the spacing since the last forced refresh."""
-        at = now if self._last_forced_at is None else max(now, self._last_forced_at + self.forced_spacing())
-        return max(at, self.retry_at)
+        return max(self.spaced_at(now), self.retry_at)
 
     def facts(self, now: float, inflight_at: float | None) -> "Facts":
         token = self.token
-        spaced = now if self._last_forced_at is None else max(now, self._last_forced_at + self.forced_spacing())
         return Facts(now=now, usable=self.usable(now), rejected=token is not None and token.value == self.rejected,
                      fetched_at=token.fetched_at if token is not None else None, inflight_at=inflight_at,
-                     retry_at=self.retry_at, spaced_at=spaced)
+                     retry_at=self.retry_at, spaced_at=self.spaced_at(now))
 
     def spend_forced(self, now: float) -> None:
         self._last_forced_at = now

@@ -13,6 +13,8 @@ import hashlib
 import time
 from typing import Awaitable, Callable, Protocol
 
+from cachetools import TLRUCache
+
 from .policy import QUOTA_RESET_UTC_OFFSET_S, Token
 
 Accept = Callable[[Token], bool]
@@ -38,9 +40,16 @@ def fingerprint(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:16]
 
 
-# The memory store's replay memory is swept of ended claims past this many
-# (claims are made only for pushes whose signature held: WeChat's rate).
-CLAIMS_PRUNE_AT = 1024
+# The memory store's short-lived entries (replay memory, message ids taken,
+# replies kept for WeChat's retries): cachetools' TLRUCache drops each at its
+# own end. Only pushes whose signature held make them, at WeChat's rate: a
+# busy account's hour is far below this bound, past which the least recently
+# used go first.
+MAX_SHORT_LIVED = 100_000
+
+
+def _ends(_key: str, value: tuple[str, float], now: float) -> float:
+    return now + value[1]
 
 
 def quota_day(wall_now: float) -> str:
@@ -136,9 +145,8 @@ class MemoryStore(Watchers):
         self._counts: dict[tuple[str, str], int] = {}
         self._values: dict[str, str] = {}
         self._stamps: dict[str, int] = {}
-        self._claims: dict[str, float] = {}          # key -> when the claim ends (monotonic)
-        self._expiring: dict[str, tuple[str, float]] = {}   # key -> (value, when it ends)
-        self._claims_prune_at = self._expiring_prune_at = CLAIMS_PRUNE_AT
+        self._claims: TLRUCache = TLRUCache(MAX_SHORT_LIVED, _ends)     # key -> ("", ttl)
+        self._expiring: TLRUCache = TLRUCache(MAX_SHORT_LIVED, _ends)   # key -> (value, ttl)
         self._registries: dict[str, dict[str, str]] = {}
         # One process: the managers see every token change themselves; only
         # a removed authorizer is news to them.
@@ -168,30 +176,20 @@ class MemoryStore(Watchers):
         return True
 
     async def claim_once(self, key: str, ttl_s: float) -> bool:
-        now = time.monotonic()
-        if len(self._claims) > self._claims_prune_at:
-            # Swept when it has doubled since the last sweep: amortised O(1)
-            # a claim, whatever the rate of pushes.
-            self._claims = {k: end for k, end in self._claims.items() if end > now}
-            self._claims_prune_at = max(CLAIMS_PRUNE_AT, 2 * len(self._claims))
-        if self._claims.get(key, 0.0) > now:
+        if key in self._claims:
             return False
-        self._claims[key] = now + ttl_s
+        self._claims[key] = ("", ttl_s)
         return True
 
     async def release_claim(self, key: str) -> None:
         self._claims.pop(key, None)
 
     async def set_value_ttl(self, key: str, value: str, ttl_s: float) -> None:
-        now = time.monotonic()
-        if len(self._expiring) > self._expiring_prune_at:
-            self._expiring = {k: v for k, v in self._expiring.items() if v[1] > now}
-            self._expiring_prune_at = max(CLAIMS_PRUNE_AT, 2 * len(self._expiring))
-        self._expiring[key] = (value, now + ttl_s)
+        self._expiring[key] = (value, ttl_s)
 
     async def get_value_ttl(self, key: str) -> str | None:
         held = self._expiring.get(key)
-        return held[0] if held is not None and held[1] > time.monotonic() else None
+        return held[0] if held is not None else None
 
     async def registry_get(self, registry: str, appid: str) -> str | None:
         return self._registries.get(registry, {}).get(appid)

@@ -47,6 +47,53 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+class Callers:
+    """Who may call one listener, from what a browser sends: its Host must
+    name this sidecar (a loopback name or address, the listener's configured
+    names, and on the admin port any IP literal: the kubelet and Prometheus
+    use the pod's address), and a cross-site Origin or Sec-Fetch-Site is a web
+    page's request (DNS rebinding, CSRF). One mechanism for the proxy and the
+    admin port; each says in its refusals which names it serves."""
+
+    # Verdicts kept by raw Host value: a few distinct values ever reach a port.
+    MAX_VERDICTS = 64
+
+    def __init__(self, port: str, names: tuple[str, ...], ip_literals: bool, serves: str):
+        self.port, self.serves, self.ip_literals = port, serves, ip_literals
+        self.names = frozenset(name.lower().strip("[]") for name in names)
+        self.verdicts: dict[str | bytes, bool] = {}     # raw Host/authority -> allowed (read on the request path)
+
+    def allowed(self, authority: str | bytes) -> bool:
+        verdict = self.verdicts.get(authority)
+        if verdict is None:
+            host = host_of(authority.decode("latin-1") if isinstance(authority, bytes) else authority)
+            verdict = host is not None and (host in self.names or is_loopback_host(host)
+                                            or (self.ip_literals and is_ip_literal(host)))
+            if len(self.verdicts) >= self.MAX_VERDICTS:
+                self.verdicts.clear()
+            self.verdicts[authority] = verdict
+        return verdict
+
+    def refusal(self, host: str | bytes | None, origin: str | bytes | None,
+                fetch_site: str | bytes | None) -> str | None:
+        """Why a request is refused (403), or None. `host` None: not checked."""
+        if origin is None and fetch_site is None and (host is None or self.verdicts.get(host) is True):
+            return None                              # the usual call: a known Host, no browser headers
+        if host is not None and not self.allowed(host):
+            shown = host[:64].decode("latin-1") if isinstance(host, bytes) else host[:64]
+            return f"Host {shown!r} is not this sidecar: the {self.port} serves {self.serves} only"
+        if origin is not None:
+            text = origin.decode("latin-1") if isinstance(origin, bytes) else origin
+            scheme, sep, authority = text.partition("://")
+            if not sep or scheme.lower() not in ("http", "https") or not self.allowed(authority):
+                return f"cross-site Origin refused: the {self.port} is not for web pages"
+        if fetch_site is not None:
+            site = fetch_site.decode("latin-1") if isinstance(fetch_site, bytes) else fetch_site
+            if site.strip().lower() == "cross-site":
+                return "cross-site request refused (Sec-Fetch-Site: cross-site)"
+        return None
+
+
 # Request limits answered with JSON before anything is forwarded. The proxy
 # port's server has hard limits above these (server.py: JSON 414/431,
 # and the connection closed).

@@ -450,7 +450,7 @@ class UpstreamPool:
     async def _connect(self) -> _Connection:
         try:
             if self.egress is not None and self.egress.proxy is not None:
-                conn = await asyncio.wait_for(self.egress.open(
+                conn = await asyncio.wait_for(self.egress.tunnel(
                     self.host, self.port, self.ssl is not None, lambda: _Connection(self)), self.timeout)
             else:
                 _, conn = await asyncio.wait_for(self.loop.create_connection(

@@ -164,16 +164,12 @@ class Egress:
             log.warning("%d connect failures in a row to %s: preferring %s for %.0f s", self.failures,
                         self.primary, self.hosts[1], PREFER_FALLBACK_S, extra={"event": "upstream_fallback"})
 
-    async def open(self, host: str, port: int, use_tls: bool,
-                   protocol_factory: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
-        """A connection to WeChat's host:port with `protocol_factory()`'s protocol on it."""
+    async def tunnel(self, host: str, port: int, use_tls: bool,
+                     protocol_factory: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
+        """A connection to WeChat's host:port through the proxy, with
+        `protocol_factory()`'s protocol on it (a direct one is the pool's own)."""
+        assert self.proxy is not None
         loop = asyncio.get_running_loop()
-        server_hostname = host if use_tls else None
-        if self.proxy is None:
-            _, protocol = await loop.create_connection(protocol_factory, host, port,
-                                                       ssl=self.ssl if use_tls else None,
-                                                       server_hostname=server_hostname)
-            return protocol
         raw, early = await open_tunnel(self.proxy, host, port)
         protocol = protocol_factory()
         try:

@@ -59,30 +59,26 @@ class Failed(Exception):
 
 @dataclass
 class AppState:
-    """One app's pushes, for /admin/apps and the metrics: counts, never content."""
+    """One app's deliveries under way: its queue, what was dropped, the last
+    failure. Never content. (Results are counted once, in wts_pushes_total.)"""
     queue: collections.deque[Message] = field(default_factory=collections.deque)
-    results: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     last_failure: str | None = None
     last_failure_at: float | None = None
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
-    def count(self, result: str) -> None:
-        self.results[result] = self.results.get(result, 0) + 1
-
-    def status(self, now: float) -> dict[str, Any]:
-        return {"delivered": self.results.get("delivered", 0) + self.results.get("redelivered", 0),
-                "queued": len(self.queue), "results": dict(self.results), "dropped": dict(self.dropped),
+    def status(self, now: float, results: dict[str, int]) -> dict[str, Any]:
+        """With the app's counts by result (wts_pushes_total's)."""
+        return {"delivered": results.get("delivered", 0) + results.get("redelivered", 0),
+                "queued": len(self.queue), "results": results, "dropped": dict(self.dropped),
                 "last_failure": self.last_failure,
                 "last_failure_s_ago": round(now - self.last_failure_at, 1) if self.last_failure_at else None}
 
 
 class Delivery:
-    def __init__(self, on_reply: Callable[[Message, bytes], Any] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, count: Callable[[str, str], None], clock: Callable[[], float] = time.monotonic):
         self.apps: dict[str, AppState] = {}
-        self.on_reply = on_reply             # a reply that came after WeChat was answered: kept for its retry
+        self.count = count                   # (app, result) -> wts_pushes_total
         self.clock = clock
         self.session: aiohttp.ClientSession | None = None
         self._closing = False
@@ -132,7 +128,7 @@ class Delivery:
             # 4xx: the app refused this message; sending it again changes nothing.
             log.warning("push %s refused by the app: HTTP %d; not delivered again", message.msg_id, status,
                         extra={"event": "push_rejected", "app": message.app, "status": status})
-            self.state(message.app).count("rejected")
+            self.count(message.app, "rejected")
             return b""
         return body
 
@@ -147,7 +143,7 @@ class Delivery:
             self._drop(state, message, "queue_full")
             return
         state.queue.append(message)
-        state.count("queued")
+        self.count(message.app, "queued")
         if state.task is None or state.task.done():
             state.task = asyncio.create_task(self._redeliver(message.app), name=f"push-redelivery:{message.app}")
 
@@ -168,15 +164,13 @@ class Delivery:
             delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** failures)
             await asyncio.sleep(delay)
             try:
-                reply = await self.attempt(message)
+                await self.attempt(message)          # WeChat was answered long ago: a reply has nowhere to go
             except Failed as exc:
                 failures += 1
                 self.failed(message, str(exc))
                 continue
             failures = 0
             state.queue.popleft()
-            state.count("redelivered")
+            self.count(app, "redelivered")
             log.info("push %s delivered after %d attempts", message.msg_id, message.attempts,
                      extra={"event": "push_redelivered", "app": app})
-            if self.on_reply is not None and reply:
-                await self.on_reply(message, reply)

@@ -85,12 +85,19 @@ def open_encrypted(crypto: MessageCrypto, body: bytes, msg_signature: str, times
     encrypt = envelope.get("Encrypt")
     if not isinstance(encrypt, str) or not encrypt:
         raise PushRefused(400, "push body has no Encrypt element")
-    if not msg_signature or not crypto.check_signature(msg_signature, timestamp, nonce, encrypt):
-        raise PushRefused(403, "push signature does not match (msg_signature)")
+    return open_ciphertext(crypto, encrypt, msg_signature, timestamp, nonce, "push"), encrypt
+
+
+def open_ciphertext(crypto: MessageCrypto, ciphertext: str, msg_signature: str, timestamp: str, nonce: str,
+                    what: str) -> bytes:
+    """A ciphertext WeChat signed with msg_signature (a push's Encrypt, WeCom's
+    echostr): the signature, the decryption and the receive id checked."""
+    if not msg_signature or not crypto.check_signature(msg_signature, timestamp, nonce, ciphertext):
+        raise PushRefused(403, f"{what} signature does not match (msg_signature)")
     try:
-        message, receive_id = crypto.decrypt(encrypt)
+        message, receive_id = crypto.decrypt(ciphertext)
     except CryptoError as exc:
-        raise PushRefused(400, f"push does not decrypt: {exc}") from None
+        raise PushRefused(400, f"{what} does not decrypt: {exc}") from None
     if receive_id != crypto.appid:
-        raise PushRefused(403, "push was encrypted for another appid")
-    return message, encrypt
+        raise PushRefused(403, f"{what} was encrypted for another appid")
+    return message

@@ -71,7 +71,7 @@ class CallbacksListener:
     async def push(self, request: web.Request) -> web.Response:
         name = request.match_info["app"]
         authorizer = request.match_info.get("authorizer")
-        query = {k: v for k, v in request.query.items()}
+        query = dict(request.query)
         platform = self.platforms().get(name)
         if platform is not None and authorizer is None:
             # A platform's authorization events (InfoType): the platform intake.

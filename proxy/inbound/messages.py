@@ -28,7 +28,7 @@ from ..config import App, Config
 from ..credentials import TokenStore
 from ..credentials.platform import AUTHORIZER_APPID_RE
 from ..credentials.store import StoreUnavailable
-from ..wechat.crypto import CryptoError, MessageCrypto, same_signature, signature
+from ..wechat.crypto import MessageCrypto
 from .component_push import ComponentPushes
 from .delivery import Delivery, Failed, Message
 from .envelope import (
@@ -37,6 +37,7 @@ from .envelope import (
     check_plain_signature,
     check_window,
     is_json,
+    open_ciphertext,
     open_encrypted,
     parse_message,
 )
@@ -94,17 +95,9 @@ class MessageIntake:
             raise PushRefused(400, "URL verification needs timestamp, nonce and echostr")
         if account.wecom:
             # WeCom: msg_signature over the four values; the answer is the decrypted echostr.
-            crypto = account.crypto
-            assert crypto is not None
-            if not same_signature(signature(account.token, timestamp, nonce, echostr), query.get("msg_signature", "")):
-                raise PushRefused(403, "URL verification signature does not match (msg_signature)")
-            try:
-                message, receive_id = crypto.decrypt(echostr)
-            except CryptoError as exc:
-                raise PushRefused(400, f"echostr does not decrypt: {exc}") from None
-            if receive_id != crypto.appid:
-                raise PushRefused(403, "echostr was encrypted for another corpid")
-            return message
+            assert account.crypto is not None
+            return open_ciphertext(account.crypto, echostr, query.get("msg_signature", ""), timestamp, nonce,
+                                   "echostr")
         check_plain_signature(account.token, query.get("signature", ""), timestamp, nonce)
         return echostr.encode()
 
@@ -173,11 +166,9 @@ class MessageIntake:
             self.delivery.failed(message, str(exc))
             log.warning("push %s: %s; it will be delivered again", message.msg_id, exc,
                         extra={"event": "push_queued", "app": message.app})
-            self.count(message.app, "queued")
             self.delivery.enqueue(message)
             return SUCCESS
         self.count(message.app, "delivered")
-        self.delivery.state(message.app).count("delivered")
         reply = reply.strip()
         if reply and reply != SUCCESS:
             await self.keep_reply(key, reply)

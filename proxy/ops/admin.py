@@ -17,7 +17,7 @@ from ..credentials import RefreshThrottled, TokenUnavailable
 from ..credentials.kinds import kinds_for
 from ..credentials.platform import authorizer_status
 from ..credentials.store import StoreUnavailable
-from ..http.callers import host_of, is_ip_literal, is_loopback_host
+from ..http.callers import Callers
 from ..http.server import json_error_body
 from .history import SAMPLE_EVERY_S, History
 from .metrics import CONTENT_TYPE
@@ -84,6 +84,7 @@ class AdminRoutes:
     def __init__(self, sidecar: Sidecar):
         self.sidecar = sidecar
         self.history = History()
+        self._callers: "tuple[object, Callers] | None" = None   # built for the admin config in force
 
     # ------------------------------------------------------------ the status page
 
@@ -262,33 +263,18 @@ class AdminRoutes:
             return admin_error(404, f"authorizer {appid[:64]!r} is not registered with {platform.app.name}")
         return web.json_response({"app": platform.app.name, "removed": appid})
 
-    def allowed_host(self, authority: str) -> bool:
-        """A Host (or an Origin's authority) this port answers to: a loopback
-        name, an IP literal (kubelet probes and Prometheus use the pod's IP),
-        admin.host or admin.allowed_hosts. A name that is none of these is
-        a browser led here by DNS rebinding."""
-        host = host_of(authority)
-        if host is None:
-            return False
-        admin = self.sidecar.config.admin
-        return (is_loopback_host(host) or is_ip_literal(host) or host == admin.host.lower().strip("[]")
-                or host in (h.lower().strip("[]") for h in admin.allowed_hosts))
-
     def refuse_web_pages(self, request: web.Request) -> web.Response | None:
         """What a web page could make a browser send (DESIGN.md, "Admin
-        port"): a foreign Host, a cross-site Origin or Sec-Fetch-Site."""
-        host = request.headers.get("Host")
-        if host is not None and request.path not in OPEN_PATHS and not self.allowed_host(host):
-            return admin_error(403, f"Host {host[:64]!r} is not this sidecar: the admin port serves loopback names, "
-                                    "IP literals, admin.host and admin.allowed_hosts only")
-        origin = request.headers.get("Origin")
-        if origin is not None:
-            scheme, sep, authority = origin.partition("://")
-            if not sep or scheme.lower() not in ("http", "https") or not self.allowed_host(authority):
-                return admin_error(403, "cross-site Origin refused: the admin port is not for other sites' pages")
-        if request.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
-            return admin_error(403, "cross-site request refused (Sec-Fetch-Site: cross-site)")
-        return None
+        port"): a foreign Host (probes and scrapers excepted), a cross-site
+        Origin or Sec-Fetch-Site. The names served follow a reload."""
+        admin = self.sidecar.config.admin
+        if self._callers is None or self._callers[0] is not admin:
+            self._callers = (admin, Callers("admin port", (admin.host, *admin.allowed_hosts), ip_literals=True,
+                                            serves="loopback names, IP literals, admin.host and admin.allowed_hosts"))
+        headers = request.headers
+        why = self._callers[1].refusal(None if request.path in OPEN_PATHS else headers.get("Host"),
+                                       headers.get("Origin"), headers.get("Sec-Fetch-Site"))
+        return None if why is None else admin_error(403, why)
 
     @web.middleware
     async def guard(self, request: web.Request, handler) -> web.StreamResponse:

@@ -34,22 +34,29 @@ def _credential(kind: str, manager: "TokenManager", now: float) -> dict[str, Any
     }
 
 
-def sample(history: History, sidecar: Any) -> None:
-    """Feed the history from the counters the sidecar keeps anyway."""
-    replays: dict[str, float] = {}
+def _replays(sidecar: Any) -> dict[str, int]:
+    """Calls replayed, by app (wts_replays_total summed over errcodes)."""
+    replays: dict[str, int] = {}
     for (app, _errcode), count in sidecar.metrics.replays.values.items():
-        replays[app] = replays.get(app, 0) + count
+        replays[app] = replays.get(app, 0) + int(count)
+    return replays
+
+
+def sample(history: History, sidecar: Any) -> dict[str, int]:
+    """Feed the history from the counters the sidecar keeps anyway; the replays by app."""
+    replays = _replays(sidecar)
     for name, manager in sidecar.managers.items():
         holders = {"token": manager, **manager.dependents}
         ok = sum(m.state.fetches_ok for m in holders.values())
         failed = sum(m.state.fetches_failed for m in holders.values())
         last = {kind: (m.state.last_failure.at, m.state.last_failure.describe())
                 for kind, m in holders.items() if m.state.last_failure is not None}
-        history.sample(name, ok + failed, failed, int(replays.get(name, 0)), last)
+        history.sample(name, ok + failed, failed, replays.get(name, 0), last)
+    return replays
 
 
 async def status(history: History, sidecar: Any) -> dict[str, Any]:
-    sample(history, sidecar)
+    replays = sample(history, sidecar)
     now = time.monotonic()
     apps = []
     for name, manager in sidecar.managers.items():
@@ -58,7 +65,7 @@ async def status(history: History, sidecar: Any) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "name": name, "appid": manager.app.appid, "token_api": manager.app.token_api,
             "credentials": credentials,
-            "replays": int(sum(v for (app, _), v in sidecar.metrics.replays.values.items() if app == name)),
+            "replays": replays.get(name, 0),
             "history": history.view(name),
         }
         ip = manager.state.egress_ip_not_whitelisted()

@@ -19,10 +19,10 @@ from urllib.parse import quote, unquote
 from ..config import App, Config
 from ..credentials import Token, TokenManager, TokenUnavailable
 from ..credentials.kinds import TICKET_PATHS, local_kind, signing_kind
+from ..credentials.pay import PayMerchant
 from ..credentials.platform import AUTHORIZER_APPID_RE, Platform
-from ..http.callers import check_request, host_of, is_loopback_host, normalize_path
+from ..http.callers import Callers, check_request, normalize_path
 from ..http.client import Response, UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamTimeout
-from ..http.egress import Egress
 from ..http.replies import local_reply, sidecar_error
 from ..http.server import BodyError, Header, Reply, Request
 from ..ops.logs import AccessLog
@@ -31,6 +31,7 @@ from ..wechat import jssdk
 from . import jssdk_request
 from .pay_calls import PayCalls
 from .platform_calls import QUERY_AUTH_PATH, Handler, PlatformCalls
+from .pools import HOP_BY_HOP_BYTES, Pools
 from .replies import SIDECAR_ROOT, held
 
 log = logging.getLogger("proxy.forward")
@@ -41,17 +42,6 @@ _monotonic = time.monotonic
 # this size are buffered and inspected; larger ones cannot be token errors and
 # stream through untouched. WxJava sniffs at 215 bytes; we keep a wide margin.
 SNIFF_LIMIT = 64 * 1024
-
-# Hop-by-hop headers (RFC 9110 §7.6.1) and ours: never forwarded either way.
-# Content-Length is recomputed for the bytes actually sent.
-HOP_BY_HOP = frozenset(h.lower() for h in (
-    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-    "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
-    "Host", "Content-Length", "X-WeChat-App", "X-WeChat-Authorizer",
-    # The sidecar answers the app's 100-continue itself and holds the whole
-    # body; forwarded, it would only make the upstream send an interim 100.
-    "Expect",
-))
 
 # Paths that carry other credentials and must never get the app token
 # (wechat-api-notes.md §5). One row a path prefix, with what the call carries
@@ -94,10 +84,6 @@ def _errcode_in(window: bytes) -> int | None:
 LOCAL_TOKEN_PATHS = frozenset({"/cgi-bin/token", "/cgi-bin/stable_token", "/cgi-bin/gettoken"})
 
 JSON_TYPES_BYTES = (b"application/json", b"text/plain", b"text/json")
-HOP_BY_HOP_BYTES = frozenset(h.lower().encode() for h in HOP_BY_HOP)
-
-# Upstream connections kept per upstream; calls beyond it queue for a free one.
-UPSTREAM_POOL_LIMIT = 100
 
 SIDECAR_ERRCODE_HEADER = "X-Sidecar-Upstream-Errcode"
 
@@ -154,14 +140,11 @@ _Result = tuple[Reply, "int | None", "int | None"]
 
 class Forwarder:
     def __init__(self, config: Config, managers: dict[str, TokenManager],
-                 pools: dict[str, UpstreamPool], metrics: Metrics | None = None,
+                 pools: Pools, metrics: Metrics | None = None,
                  access: AccessLog | None = None, platforms: dict[str, Platform] | None = None,
-                 push_answers: dict[str, Handler] | None = None, egress: Egress | None = None,
-                 pay: "PayCalls | None" = None):
+                 push_answers: dict[str, Handler] | None = None, pay: "PayCalls | None" = None):
         self.config = config
-        self.egress = egress
         self.pay = pay                  # WeChat Pay calls and answers, when merchants are configured
-        self._fallbacks = egress is not None and len(egress.hosts) > 1
         self.managers = managers
         self.platforms = platforms or {}
         self.pools = pools
@@ -170,10 +153,9 @@ class Forwarder:
         self.default_app = config.apps[0]
         self.refresh_codes = {app.name: config.refresh_errcodes_for(app) for app in config.apps}
         self.no_token_prefixes = NO_TOKEN_PREFIXES + config.no_token_paths
-        # The hosts a Host or Origin may name: loopback, listen.host, listen.allowed_hosts.
-        self.allowed_hosts = frozenset({config.listen.host.lower().strip("[]"),
-                                        *(h.lower().strip("[]") for h in config.listen.allowed_hosts)})
-        self._host_verdicts: dict[bytes, bool] = {}   # by the raw Host value; bounded
+        # Who may call the proxy port: loopback names, listen.host, listen.allowed_hosts.
+        self.callers = Callers("proxy port", (config.listen.host, *config.listen.allowed_hosts), ip_literals=False,
+                               serves="loopback names and listen.host / listen.allowed_hosts")
         self.metrics = metrics or Metrics()
         # The calls the sidecar answers itself, path -> handler; a handler
         # answering None leaves the call to be forwarded (a getticket of
@@ -201,13 +183,18 @@ class Forwarder:
 
     # ------------------------------------------------------------ routing
 
-    def route(self, request: Request) -> tuple[App, str] | Reply:
-        """(app, upstream path) by path prefix, else X-WeChat-App, else the default app.
-        The path is normalised first, so what names the app is what is forwarded."""
+    def route(self, request: Request) -> tuple[App, str] | tuple[PayMerchant, str] | Reply:
+        """(app, upstream path) by path prefix, else X-WeChat-App, else the default app;
+        a WeChat Pay call or pay answer goes to its merchant instead. The path is
+        normalised first, so what names the app is what is forwarded."""
         raw_path = normalize_path(request.path)
         if raw_path is None:
             return sidecar_error(400, "path cannot be normalised (it climbs above the root or "
                                       "carries encoded slashes, backslashes or NUL)", outcome="bad_request")
+        if self.pay is not None:
+            pay = self.pay.route(raw_path, request)
+            if pay is not None:
+                return pay
         _, _, rest = raw_path.partition("/")
         first, slash, tail = rest.partition("/")
         app = self.apps.get(first)
@@ -225,61 +212,31 @@ class Forwarder:
 
     # ------------------------------------------------------------ entry point
 
-    def allowed_host(self, value: bytes) -> bool:
-        verdict = self._host_verdicts.get(value)
-        if verdict is None:
-            host = host_of(value.decode("latin-1"))
-            verdict = host is not None and (host in self.allowed_hosts or is_loopback_host(host))
-            if len(self._host_verdicts) >= 64:
-                self._host_verdicts.clear()
-            self._host_verdicts[value] = verdict
-        return verdict
-
     def check_caller(self, request: Request) -> Reply | None:
         """Refuse what a web page could make a browser send (DNS rebinding, CSRF)."""
         noted = request.noted
-        host = noted.get(b"host")
-        if host is not None and not self.allowed_host(host):
-            return sidecar_error(403, f"Host {host[:64].decode('latin-1')!r} is not this sidecar: the proxy port "
-                                      "serves loopback names and listen.host / listen.allowed_hosts only",
-                                 outcome="forbidden")
-        origin = noted.get(b"origin")
-        if origin is not None:
-            scheme, sep, authority = origin.decode("latin-1").partition("://")
-            if not sep or scheme.lower() not in ("http", "https") or not self.allowed_host(authority.encode("latin-1")):
-                return sidecar_error(403, "cross-site Origin refused: the proxy port is not for web pages",
-                                     outcome="forbidden")
-        fetch_site = noted.get(b"sec-fetch-site")
-        if fetch_site is not None and fetch_site.strip().lower() == b"cross-site":
-            return sidecar_error(403, "cross-site request refused (Sec-Fetch-Site: cross-site)",
-                                 outcome="forbidden")
-        return None
+        if self.callers.verdicts.get(noted.get(b"host")) is True and b"origin" not in noted \
+                and b"sec-fetch-site" not in noted:
+            return None                      # the usual call: a Host seen and allowed before, no browser headers
+        why = self.callers.refusal(noted.get(b"host"), noted.get(b"origin"), noted.get(b"sec-fetch-site"))
+        return None if why is None else sidecar_error(403, why, outcome="forbidden")
 
     async def handle(self, request: Request) -> Reply:
         started = _monotonic()
-        routed = check_request(request) or self.check_caller(request)
-        pay = None
-        if routed is None and self.pay is not None:
-            path = normalize_path(request.path)
-            pay = self.pay.route(path, request) if path is not None else None
-        if routed is None and pay is None:
-            routed = self.route(request)
-        if pay is not None:
-            # A WeChat Pay call or a pay answer: the merchant's, never an app's token.
-            if isinstance(pay, Reply):
-                response, app_name, appid = pay, None, None
-            else:
-                merchant, path = pay
-                response = await self.pay.handle(request, merchant, path)  # type: ignore[union-attr]
-                app_name, appid = merchant.merchant.name, merchant.merchant.mchid
-            errcode, replayed_from = None, None
-        elif isinstance(routed, Reply):
+        routed = check_request(request) or self.check_caller(request) or self.route(request)
+        if isinstance(routed, Reply):
             response, errcode, replayed_from = routed, None, None
             app_name = appid = None
-        else:
+        elif isinstance(routed[0], App):
             app, path = routed
             app_name, appid = app.name, app.appid
             response, errcode, replayed_from = await self._handle(request, app, path)
+        else:
+            # A WeChat Pay call or a pay answer: the merchant's, never an app's token.
+            merchant, path = routed
+            response = await self.pay.handle(request, merchant, path)  # type: ignore[union-attr]
+            app_name, appid = merchant.merchant.name, merchant.merchant.mchid
+            errcode, replayed_from = None, None
         duration = _monotonic() - started
         if app_name is not None:
             self.metrics.observe_call(app_name, response.outcome or ("wechat_error" if errcode else "ok"), duration)
@@ -365,8 +322,8 @@ class Forwarder:
                         token: Token | None, manager: TokenManager | None, app: App, path: str,
                         raw_query: str, param: str = "access_token") -> _Result:
         """Send; on a token errcode (with a token), invalidate it and replay once."""
-        base = app.upstream if not self._fallbacks else self.egress.bases(app.upstream)[0]  # type: ignore[union-attr]
-        pool = self.pools.get(base) or self._new_pool(base)
+        pools = self.pools
+        pool = (None if pools.fallbacks else pools.get(app.upstream)) or pools.first(app.upstream)
         refresh_codes = self.refresh_codes[app.name]
         method = request.method
         try:
@@ -513,12 +470,6 @@ class Forwarder:
                 return "/" + rest
         return path
 
-    def _new_pool(self, base: str) -> UpstreamPool:
-        """The pool for an upstream no call has used yet."""
-        pool = self.pools[base] = UpstreamPool(base, self.config.upstream.timeout_s, UPSTREAM_POOL_LIMIT,
-                                               drop=HOP_BY_HOP_BYTES, egress=self.egress)
-        return pool
-
     @staticmethod
     def _hop_by_hop(request: Request) -> frozenset[bytes]:
         """The request headers not to forward: ours and the hop-by-hop ones,
@@ -534,15 +485,12 @@ class Forwarder:
         """Send, and read the answer's first bytes: a small answer whole, and
         its errcode; a large one (it cannot be a token error) is left to stream."""
         try:
-            resp = await pool.request(method, target, headers, body)
-        except UpstreamConnectError as exc:
-            # No connection to this host: nothing was written; WeChat's
-            # fallback hosts (upstream.fallback) are tried in turn.
-            resp = await self._fallback(pool, method, target, headers, body, exc)
-        except UpstreamTimeout as exc:
-            raise _UpstreamFailed(self._timed_out(exc)) from None
+            try:
+                resp = await pool.request(method, target, headers, body)
+            except UpstreamConnectError as exc:        # nothing written: WeChat's fallback hosts in turn
+                resp = await self.pools.fallback(pool, method, target, headers, body, exc)
         except UpstreamError as exc:
-            raise _UpstreamFailed(sidecar_error(502, str(exc))) from None
+            raise _UpstreamFailed(self._failure(exc)) from None
         length = resp.content_length
         if length is not None and length > SNIFF_LIMIT:
             return resp, b"", False, None, ""
@@ -552,12 +500,9 @@ class Forwarder:
             timeout = self.config.upstream.timeout_s
             try:
                 data = await resp.read_up_to(SNIFF_LIMIT, timeout)
-            except UpstreamTimeout:
-                resp.release()
-                raise _UpstreamFailed(sidecar_error(504, f"upstream timed out after {timeout:g} s")) from None
             except UpstreamError as exc:
                 resp.release()
-                raise _UpstreamFailed(sidecar_error(502, str(exc))) from None
+                raise _UpstreamFailed(self._failure(exc)) from None
         complete = len(data) < SNIFF_LIMIT or resp.at_eof()
         errcode, errmsg = None, ""
         if complete and data:
@@ -568,39 +513,14 @@ class Forwarder:
                 raise
         return resp, data, complete, errcode, errmsg
 
-    def _timed_out(self, exc: UpstreamTimeout) -> Reply:
+    def _failure(self, exc: UpstreamError) -> Reply:
+        """No answer from the upstream: 504 when it timed out, else 502."""
+        if not isinstance(exc, UpstreamTimeout):
+            return sidecar_error(502, str(exc))
         why = f"upstream timed out after {self.config.upstream.timeout_s:g} s"
         if "free" in str(exc):
             why += f": {exc}"
         return sidecar_error(504, why)
-
-    async def _fallback(self, pool: UpstreamPool, method: str, target: str, headers: list[Header], body: bytes,
-                        exc: UpstreamConnectError) -> Response:
-        """The next hosts for a call whose host could not be connected to."""
-        egress = self.egress
-        bases = egress.bases(pool.base) if egress is not None else (pool.base,)
-        tried = bases.index(pool.base) if pool.base in bases else len(bases) - 1
-        if egress is not None:
-            egress.connect_failed(pool.base, moving_on=tried + 1 < len(bases))
-        for index in range(tried + 1, len(bases)):
-            base = bases[index]
-            try:
-                resp = await (self.pools.get(base) or self._new_pool(base)).request(method, target, headers, body)
-            except UpstreamConnectError as again:
-                assert egress is not None
-                egress.connect_failed(base, moving_on=index + 1 < len(bases))
-                exc = again
-                continue
-            except UpstreamTimeout as late:
-                raise _UpstreamFailed(self._timed_out(late)) from None
-            except UpstreamError as broke:
-                raise _UpstreamFailed(sidecar_error(502, str(broke))) from None
-            assert egress is not None
-            egress.connected(base)
-            return resp
-        if isinstance(exc, UpstreamTimeout):
-            raise _UpstreamFailed(self._timed_out(exc)) from None
-        raise _UpstreamFailed(sidecar_error(502, str(exc))) from None
 
     @staticmethod
     def _errcode(resp: Response, data: bytes, refresh_codes: frozenset[int]) -> tuple[int | None, str]:

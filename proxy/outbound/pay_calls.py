@@ -16,11 +16,11 @@ from typing import Any
 
 from ..config import Config
 from ..credentials.pay import PayMerchant, SignatureInvalid
-from ..http.client import UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamTimeout
-from ..http.egress import Egress
+from ..http.client import UpstreamError, UpstreamTimeout
 from ..http.replies import local_reply, sidecar_error
 from ..http.server import BodyError, Reply, Request, query_values
 from ..wechat import pay as wxpay
+from .pools import HOP_BY_HOP_BYTES, Pools
 
 # An answer is verified whole: WeChat Pay's JSON answers are small; a bigger
 # one is not an answer the sidecar can vouch for.
@@ -32,17 +32,14 @@ UNSIGNED_DOWNLOADS = ("/v3/billdownload/file",)
 PAY_ROOT = "/v3/"
 LOCAL_ROOT = "/sidecar/pay/"
 
-# The app's headers that never go to WeChat Pay: ours, hop-by-hop, and the
-# app's own Authorization (the sidecar signs).
-DROPPED = frozenset({b"authorization", b"x-wechat-merchant", b"x-wechat-app", b"host", b"content-length",
-                     b"connection", b"keep-alive", b"proxy-authorization", b"proxy-connection", b"te", b"trailer",
-                     b"transfer-encoding", b"upgrade", b"expect"})
+# The app's headers that never go to WeChat Pay: the hop-by-hop ones and ours,
+# and the app's own Authorization (the sidecar signs).
+DROPPED = HOP_BY_HOP_BYTES | {b"authorization", b"x-wechat-merchant"}
 
 
 class PayCalls:
-    def __init__(self, config: Config, merchants: dict[str, PayMerchant], pools: dict[str, UpstreamPool],
-                 egress: Egress | None):
-        self.config, self.merchants, self.pools, self.egress = config, merchants, pools, egress
+    def __init__(self, config: Config, merchants: dict[str, PayMerchant], pools: Pools):
+        self.config, self.merchants, self.pools = config, merchants, pools
         self.first = next(iter(merchants.values()))
 
     def route(self, path: str, request: Request) -> tuple[PayMerchant, str] | Reply | None:
@@ -76,7 +73,7 @@ class PayCalls:
         except BodyError as exc:
             return sidecar_error(exc.status, exc.why, outcome="bad_request")
         target = f"{path}?{request.query}" if request.query else path
-        pool = self.pools.get(m.upstream) or self._new_pool(m.upstream)
+        pool = self.pools.pool(m.upstream)
         headers = [(k, v) for k, v in request.raw_headers if k.lower() not in DROPPED]
         if not any(k.lower() == b"accept" for k, _ in headers):
             headers.append((b"Accept", b"application/json"))
@@ -85,10 +82,10 @@ class PayCalls:
         authorization = merchant.authorization(request.method, pool.base_path + target, body)
         headers.append((b"Authorization", authorization.encode("ascii")))
         try:
-            resp = await pool.request(request.method, target, headers, body)
+            resp = await self.pools.request(pool, request.method, target, headers, body)
         except UpstreamTimeout:
             return sidecar_error(504, f"WeChat Pay timed out after {self.config.upstream.timeout_s:g} s")
-        except (UpstreamConnectError, UpstreamError) as exc:
+        except UpstreamError as exc:
             return sidecar_error(502, str(exc))
         if path in UNSIGNED_DOWNLOADS and 200 <= resp.status < 300:
             return await self._stream(request, resp)
@@ -112,12 +109,6 @@ class PayCalls:
             return sidecar_error(502, f"WeChat Pay's answer does not verify ({exc}): not relayed",
                                  outcome="upstream_unreachable")
         return Reply(resp.status, resp.relay_headers, data)
-
-    def _new_pool(self, base: str) -> UpstreamPool:
-        from .forward import HOP_BY_HOP_BYTES, UPSTREAM_POOL_LIMIT
-        pool = self.pools[base] = UpstreamPool(base, self.config.upstream.timeout_s, UPSTREAM_POOL_LIMIT,
-                                               drop=HOP_BY_HOP_BYTES, egress=self.egress)
-        return pool
 
     async def _stream(self, request: Request, resp: Any) -> Reply:
         """A bill file: streamed through as it comes, never held whole."""
@@ -167,7 +158,7 @@ class PayCalls:
                                      outcome="bad_request")
             key = merchant.encryption_key()
             if key is None:
-                await merchant.keys_knowing("")
+                await merchant.refetch_certificates("a sensitive field to encrypt and no WeChat Pay key held")
                 key = merchant.encryption_key()
             if key is None:
                 return sidecar_error(503, f"merchant {m.name} holds no WeChat Pay certificate or public key yet")

@@ -11,8 +11,13 @@ import time
 import pytest
 
 from proxy import config as config_mod
-from proxy.simulator import (DEMO_COMPONENT_AES_KEY, DEMO_COMPONENT_APPID, DEMO_COMPONENT_SECRET,
-                             DEMO_COMPONENT_TOKEN, WeChatSimulator)
+from proxy.simulator import (
+    DEMO_COMPONENT_AES_KEY,
+    DEMO_COMPONENT_APPID,
+    DEMO_COMPONENT_SECRET,
+    DEMO_COMPONENT_TOKEN,
+    WeChatSimulator,
+)
 from proxy.wechat.crypto import MessageCrypto
 
 from ..conftest import APPID, SECRET, head_yaml, wait_until

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from typing import Callable
 
 import aiohttp
 import pytest
@@ -24,13 +25,17 @@ def cluster_yaml(sim, redis_server, port: int, admin: int, *, store_extra: str =
     return sidecar_yaml(sim.url, listen_port=port, admin_port=admin, top=store, **kw)
 
 
-def start_replicas(spawn, sim, redis_server, n: int, **kw) -> list[Replica]:
+def spawn_replicas(spawn, n: int, config: Callable[[int, int, int], str], name: str = "replica") -> list[Replica]:
+    """n sidecar processes, the i-th with config(i, proxy port, admin port)."""
     replicas = []
     for i in range(n):
         port, admin = free_port(), free_port()
-        proc = spawn(cluster_yaml(sim, redis_server, port, admin, **kw), name=f"replica{i}")
-        replicas.append(Replica(proc, port, admin))
+        replicas.append(Replica(spawn(config(i, port, admin), name=f"{name}{i}"), port, admin))
     return replicas
+
+
+def start_replicas(spawn, sim, redis_server, n: int, **kw) -> list[Replica]:
+    return spawn_replicas(spawn, n, lambda i, port, admin: cluster_yaml(sim, redis_server, port, admin, **kw))
 
 
 async def all_ready(replicas: list[Replica], timeout: float = 10) -> None:

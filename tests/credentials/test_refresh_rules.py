@@ -7,8 +7,16 @@ import time
 
 import pytest
 
-from proxy.credentials.policy import (MAX_CALLER_WAIT_S, REFRESH_COALESCE_S, SDK_FORCE_SPACING_S, Action, Decision,
-                                      Facts, Source, decide)
+from proxy.credentials.policy import (
+    MAX_CALLER_WAIT_S,
+    REFRESH_COALESCE_S,
+    SDK_FORCE_SPACING_S,
+    Action,
+    Decision,
+    Facts,
+    Source,
+    decide,
+)
 
 from ..conftest import APPID
 

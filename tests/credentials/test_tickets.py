@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from json import loads as json_loads
 import time
+from json import loads as json_loads
 
 import pytest
 

@@ -16,10 +16,10 @@ import h11
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.http.server import BodyError, HttpServer, Reply, Request
-from proxy.http.server import _Connection as RequestConnection
 from proxy.http.client import UpstreamError, UpstreamPool
 from proxy.http.client import _Connection as UpstreamConnection
+from proxy.http.server import BodyError, HttpServer, Reply, Request
+from proxy.http.server import _Connection as RequestConnection
 
 
 class FakeTransport:

@@ -13,10 +13,17 @@ from proxy.simulator import DEMO_COMPONENT_AES_KEY, DEMO_COMPONENT_TOKEN
 from proxy.wechat.crypto import MessageCrypto, signature
 
 from ..conftest import wait_until
-from ..credentials.test_platform import (AUTHORIZERS, EVENT, PLATFORM, authorized, get_json, platform_yaml,
-                                         start_platform, with_ticket)
-from ..credentials.test_redis_store import Replica
-from ..ports import free_port
+from ..credentials.test_platform import (
+    AUTHORIZERS,
+    EVENT,
+    PLATFORM,
+    authorized,
+    get_json,
+    platform_yaml,
+    start_platform,
+    with_ticket,
+)
+from ..credentials.test_redis_store import spawn_replicas
 
 
 async def post(http, url: str, query: str, body: bytes) -> tuple[int, str]:
@@ -151,11 +158,8 @@ async def test_a_document_type_in_any_encoding_is_refused_before_any_entity_is_e
 
 async def test_a_replay_sent_to_another_replica_is_refused_there_too(sim, redis_server, spawn, http):
     store = f'store: {{kind: redis, url: "{redis_server.url}", key_prefix: "t:"}}'
-    replicas = []
-    for i in range(2):
-        port, admin = free_port(), free_port()
-        replicas.append(Replica(spawn(platform_yaml(sim.url, top=store, listen_port=port, admin_port=admin),
-                                      name=f"plat{i}"), port, admin))
+    replicas = spawn_replicas(spawn, 2, lambda i, port, admin: platform_yaml(
+        sim.url, top=store, listen_port=port, admin_port=admin), "plat")
     await asyncio.gather(*(r.proc.wait_ready(r.admin) for r in replicas))
     first, other = replicas
     p1 = ticket_push(sim, sim.new_verify_ticket(PLATFORM))

@@ -21,6 +21,7 @@ from proxy.inbound import delivery as delivery_mod
 from proxy.wechat.crypto import plain_signature
 
 from ..conftest import APPID, free_port, sidecar_yaml, wait_until
+from ..credentials.test_redis_store import spawn_replicas
 from ..ops.test_admin import metric, scrape
 
 TOKEN = "push-token-Xy7"
@@ -358,8 +359,9 @@ async def test_no_token_key_or_message_content_is_logged(make_sidecar, sim, http
 
 async def test_an_authorized_accounts_push_uses_the_platforms_key_and_names_the_account(
         make_sidecar, sim, http, receiver):
-    from ..credentials.test_platform import PLATFORM, platform_yaml
     from proxy.simulator import DEMO_COMPONENT_AES_KEY, DEMO_COMPONENT_TOKEN
+
+    from ..credentials.test_platform import PLATFORM, platform_yaml
     yaml = platform_yaml(sim.url, top="callbacks: {host: 127.0.0.1, port: 0}").replace(
         "    min_refresh_interval_s: 0\n  - name: mp", f'    min_refresh_interval_s: 0\n    push: {{deliver_to: "{receiver.url}"}}\n  - name: mp')
     running = await make_sidecar(yaml)
@@ -379,13 +381,11 @@ async def test_an_authorized_accounts_push_uses_the_platforms_key_and_names_the_
 async def test_two_sidecars_on_one_redis_deliver_a_message_once_whichever_wechat_reached(
         sim, redis_server, spawn, http, receiver):
     store = f'store: {{kind: redis, url: "{redis_server.url}", key_prefix: "t:"}}'
-    replicas = []
-    for i in range(2):
-        port, admin, callbacks = free_port(), free_port(), free_port()
-        text = push_yaml(sim.url, receiver.url, listen_port=port, admin_port=admin).replace(
-            "callbacks: {host: 127.0.0.1, port: 0}", f"callbacks: {{host: 127.0.0.1, port: {callbacks}}}\n{store}")
-        proc = spawn(text, name=f"replica{i}")
-        replicas.append((proc, f"http://127.0.0.1:{admin}", f"http://127.0.0.1:{callbacks}"))
+    callbacks = [free_port(), free_port()]
+    spawned = spawn_replicas(spawn, 2, lambda i, port, admin: push_yaml(
+        sim.url, receiver.url, listen_port=port, admin_port=admin).replace(
+        "callbacks: {host: 127.0.0.1, port: 0}", f"callbacks: {{host: 127.0.0.1, port: {callbacks[i]}}}\n{store}"))
+    replicas = [(r.proc, r.admin, f"http://127.0.0.1:{port}") for r, port in zip(spawned, callbacks)]
     await asyncio.gather(*(proc.wait_ready(admin) for proc, admin, _ in replicas))
     receiver.reply = b"<xml><Content><![CDATA[once]]></Content></xml>"
     push = safe_push(text_message(msg_id=123123123))

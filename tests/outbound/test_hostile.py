@@ -366,8 +366,8 @@ def test_sidecar_is_a_reserved_app_name():
 # ---------------------------------------------------------------- clients that stop reading
 
 async def test_clients_that_stop_reading_downloads_do_not_block_other_calls(make_sidecar, sim, http, monkeypatch):
-    from proxy.outbound import forward
-    monkeypatch.setattr(forward, "UPSTREAM_POOL_LIMIT", 3)
+    from proxy.outbound import pools
+    monkeypatch.setattr(pools, "UPSTREAM_POOL_LIMIT", 3)
     running = await make_sidecar(top="client_timeout_s: 0.5")
     stalled = []
     for i in range(6):                                   # twice as many as there are upstream slots

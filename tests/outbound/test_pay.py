@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from proxy import config as config_mod
 
 from ..conftest import free_port, sidecar_yaml
-from ..credentials.test_redis_store import Replica
+from ..credentials.test_redis_store import spawn_replicas
 
 MCHID, SERIAL = "1900000109", "5157F09EFDC096DE15EBE81A47057A72"
 APIV3 = b"0123456789abcdefghijklmnopqrstuv"
@@ -283,12 +283,9 @@ async def test_two_sidecars_on_one_redis_download_the_certificates_once(sim, red
     sim.pay_register_merchant(MCHID, merchant_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), SERIAL, APIV3)
     store = f'store: {{kind: redis, url: "{redis_server.url}", key_prefix: "t:"}}'
-    replicas = []
-    for i in range(2):
-        port, admin = free_port(), free_port()
-        text = pay_yaml(sim, keys, listen_port=port, admin_port=admin).replace(
-            "callbacks: {host: 127.0.0.1, port: 0}", f"callbacks: {{host: 127.0.0.1, port: {free_port()}}}\n{store}")
-        replicas.append(Replica(spawn(text, name=f"pay{i}"), port, admin))
+    replicas = spawn_replicas(spawn, 2, lambda i, port, admin: pay_yaml(sim, keys, listen_port=port, admin_port=admin)
+                              .replace("callbacks: {host: 127.0.0.1, port: 0}",
+                                       f"callbacks: {{host: 127.0.0.1, port: {free_port()}}}\n{store}"), "pay")
     await asyncio.gather(*(r.proc.wait_ready(r.admin) for r in replicas))
     for replica in replicas:
         async with http.post(f"{replica.base}/v3/pay/transactions/jsapi", json={"out_trade_no": "F1"}) as resp:
