@@ -45,7 +45,8 @@ bench-instructions: $(STAMP)
 bench-pushes: $(STAMP)
 	$(PY) bench/pushes.py
 
-# A WeChat Pay call's added CPU against a forwarded call, with one RSA-2048 signature as the floor (~20 s).
+# A WeChat Pay call's added CPU against a forwarded call, with one RSA-2048 signature as the floor, a control
+# with the RSA work swapped for pure-C work of the same cost, and a sequential run (~90 s; wrk, nginx).
 bench-pay: $(STAMP)
 	$(PY) bench/pay.py
 

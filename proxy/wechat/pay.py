@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import secrets
 from typing import Any
 
@@ -56,23 +57,30 @@ def load_public_key(pem: bytes) -> Any:
     return key
 
 
-def sign(private_key: Any, data: bytes) -> str:
-    """base64(RSA PKCS#1 v1.5 with SHA-256)."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding
-    return base64.b64encode(private_key.sign(data, padding.PKCS1v15(), hashes.SHA256())).decode()
-
-
-def verify(public_key: Any, data: bytes, signature: str) -> bool:
+@functools.cache
+def _pkcs1_sha256() -> tuple[Any, Any, type[Exception]]:
+    """(padding, hash, the verify failure), made once: a Pay call signs and
+    verifies, and `cryptography` is imported only where Pay is used."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding
+    return padding.PKCS1v15(), hashes.SHA256(), InvalidSignature
+
+
+def sign(private_key: Any, data: bytes) -> str:
+    """base64(RSA PKCS#1 v1.5 with SHA-256)."""
+    pkcs1, sha256, _ = _pkcs1_sha256()
+    return base64.b64encode(private_key.sign(data, pkcs1, sha256)).decode()
+
+
+def verify(public_key: Any, data: bytes, signature: str) -> bool:
+    pkcs1, sha256, invalid = _pkcs1_sha256()
     if not signature or signature.startswith(PROBE_PREFIX):
         return False
     try:
         raw = base64.b64decode(signature, validate=True)
-        public_key.verify(raw, data, padding.PKCS1v15(), hashes.SHA256())
-    except (InvalidSignature, binascii.Error, ValueError):
+        public_key.verify(raw, data, pkcs1, sha256)
+    except (invalid, binascii.Error, ValueError):
         return False
     return True
 
