@@ -58,6 +58,12 @@ class UpstreamTimeout(UpstreamError):
     pass
 
 
+class UpstreamBrokeOff(UpstreamError):
+    """The connection closed after the request was written and before any
+    byte of an answer: a safe request (GET, HEAD) may be sent to another host
+    (DESIGN.md, "Egress"); any other may have been acted on."""
+
+
 class UpstreamConnectTimeout(UpstreamTimeout, UpstreamConnectError):
     """No connection within the timeout: a timeout (504) and a connection
     never made (a fallback host may be tried)."""
@@ -246,8 +252,10 @@ class _Connection(asyncio.Protocol):
         if self.response is not None and not self.response.complete:
             if self.response.head_only and self.response.headers_done.done():
                 self.response._finish()
-            else:
+            elif self.received_any:
                 self.response._fail(UpstreamError("upstream closed the connection"))
+            else:
+                self.response._fail(UpstreamBrokeOff("upstream closed the connection"))
 
     # -- httptools callbacks
 

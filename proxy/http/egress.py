@@ -150,12 +150,13 @@ class Egress:
         if base == self.primary:
             self.failures = 0
 
-    def connect_failed(self, base: str, moving_on: bool) -> None:
-        """A connection to `base` could not be made; `moving_on`: the call
-        goes to the next host."""
+    def connect_failed(self, base: str, moving_on: bool, counted: bool = True) -> None:
+        """A connection to `base` could not be made (`counted`), or it hung
+        up on a request that may go elsewhere; `moving_on`: the call goes to
+        the next host."""
         if moving_on:
             self.switches += 1
-        if base != self.primary:
+        if base != self.primary or not counted:
             return
         self.failures += 1
         if self.failures >= PREFER_FALLBACK_AFTER and self.clock() >= self.prefer_fallback_until \
@@ -194,7 +195,8 @@ class Egress:
 class _Attempts:
     """`async with session.request(...)` over the egress's hosts in turn:
     a connection that cannot be made goes to the next host (nothing was
-    written to the first); anything else is the answer, or the error."""
+    written to the first), and so does a GET the host hung up on before
+    answering; anything else is the answer, or the error."""
 
     def __init__(self, owner: "EgressSession", method: str, url: str, kwargs: dict[str, Any]):
         self.owner, self.method, self.url, self.kwargs = owner, method, url, kwargs
@@ -219,6 +221,12 @@ class _Attempts:
                     egress.connect_failed(base, moving_on=not last)
                 if last:
                     raise
+                continue
+            except aiohttp.ServerDisconnectedError:
+                # The host hung up before answering: a GET may go to the next one.
+                if base is None or last or self.method not in ("GET", "HEAD"):
+                    raise
+                egress.connect_failed(base, moving_on=True, counted=False)
                 continue
             if base is not None:
                 egress.connected(base)

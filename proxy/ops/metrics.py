@@ -226,7 +226,8 @@ class Metrics:
                 expiry.labels(name, cert["serial"]).set(cert["expires_in_days"] * 86400)
         parts.append(expiry.render())
         switches = Family("wts_upstream_host_switches", "Calls and fetches moved to another upstream host "
-                          "(upstream.fallback) because a connection could not be made", "counter", ())
+                          "(upstream.fallback) because a connection could not be made or a GET was hung up on",
+                          "counter", ())
         switches.labels().set(getattr(self.egress, "switches", 0))
         parts.append(switches.render())
         errors = Family("wts_store_errors", "Errors talking to the shared token store", "counter", ())

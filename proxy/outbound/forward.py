@@ -22,7 +22,7 @@ from ..credentials.kinds import TICKET_PATHS, local_kind, signing_kind
 from ..credentials.pay import PayMerchant
 from ..credentials.platform import AUTHORIZER_APPID_RE, Platform
 from ..http.callers import Callers, check_request, normalize_path
-from ..http.client import Response, UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamTimeout
+from ..http.client import Response, UpstreamError, UpstreamPool, UpstreamTimeout
 from ..http.replies import local_reply, sidecar_error
 from ..http.server import BodyError, Header, Reply, Request
 from ..ops.logs import AccessLog
@@ -487,7 +487,7 @@ class Forwarder:
         try:
             try:
                 resp = await pool.request(method, target, headers, body)
-            except UpstreamConnectError as exc:        # nothing written: WeChat's fallback hosts in turn
+            except UpstreamError as exc:               # WeChat's fallback hosts in turn, when it may move
                 resp = await self.pools.fallback(pool, method, target, headers, body, exc)
         except UpstreamError as exc:
             raise _UpstreamFailed(self._failure(exc)) from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ..http.client import Response, UpstreamConnectError, UpstreamPool
+from ..http.client import Response, UpstreamBrokeOff, UpstreamConnectError, UpstreamError, UpstreamPool
 from ..http.egress import Egress
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and ours: never forwarded either way.
@@ -25,6 +25,10 @@ HOP_BY_HOP_BYTES = frozenset(h.lower().encode() for h in HOP_BY_HOP)
 
 # Upstream connections kept per upstream; calls beyond it queue for a free one.
 UPSTREAM_POOL_LIMIT = 100
+
+# A request written to a host that hung up before answering goes to the next
+# host only when it is safe to send twice (RFC 9110 §9.2.1; DESIGN.md, "Egress").
+RESENDABLE_METHODS = frozenset({"GET", "HEAD"})
 
 
 class Pools(dict[str, UpstreamPool]):
@@ -52,18 +56,27 @@ class Pools(dict[str, UpstreamPool]):
 
     async def request(self, pool: UpstreamPool, method: str, target: str,
                       headers: Iterable[tuple[bytes, bytes]], body: bytes) -> Response:
-        """`pool.request`, and on a connection that cannot be made, the next
-        hosts in turn; UpstreamError (or a subclass) when none answers."""
+        """`pool.request`, and when its host could not be connected to (or
+        hung up on a GET/HEAD before answering), the next hosts in turn;
+        UpstreamError (or a subclass) when none answers."""
         try:
             return await pool.request(method, target, headers, body)
-        except UpstreamConnectError as exc:
+        except UpstreamError as exc:
             return await self.fallback(pool, method, target, headers, body, exc)
 
     async def fallback(self, pool: UpstreamPool, method: str, target: str, headers: Iterable[tuple[bytes, bytes]],
-                       body: bytes, failed: UpstreamConnectError) -> Response:
-        """After `pool` could not connect (nothing was written): the next
-        hosts in turn, or `failed` (the last connect failure) raised again.
-        Called only then, so a call that connects pays for nothing here."""
+                       body: bytes, failed: UpstreamError) -> Response:
+        """After `pool` failed with `failed`: the next hosts in turn when
+        nothing was written (a connect failure) or the request may be sent
+        twice (a GET/HEAD the host hung up on), else `failed` raised again;
+        the last failure when no host answers. Called only on a failure, so
+        a call that is answered pays for nothing here."""
+        if isinstance(failed, UpstreamConnectError):
+            counted = True                     # a connect failure: counts toward preferring the fallback
+        elif isinstance(failed, UpstreamBrokeOff) and method in RESENDABLE_METHODS:
+            counted = False                    # the host took the connection: says nothing of connecting
+        else:
+            raise failed
         egress = self.egress
         bases = egress.bases(pool.base) if egress is not None else (pool.base,)
         at = bases.index(pool.base) if pool.base in bases else len(bases) - 1
@@ -72,12 +85,12 @@ class Pools(dict[str, UpstreamPool]):
                 try:
                     resp = await self.pool(bases[index]).request(method, target, headers, body)
                 except UpstreamConnectError as exc:
-                    failed = exc
+                    failed, counted = exc, True
                 else:
                     egress.connected(bases[index])  # type: ignore[union-attr]
                     return resp
             if egress is not None:
-                egress.connect_failed(bases[index], moving_on=index + 1 < len(bases))
+                egress.connect_failed(bases[index], moving_on=index + 1 < len(bases), counted=counted)
         raise failed
 
     def close(self) -> None:

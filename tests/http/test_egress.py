@@ -207,6 +207,75 @@ async def test_a_post_written_to_the_primary_is_never_sent_to_the_fallback(make_
         await breaker.wait_closed()
 
 
+async def test_a_get_whose_connection_broke_before_any_answer_goes_to_the_fallback(make_sidecar, sim, http):
+    """DESIGN: a request already written is never sent to another host unless
+    it is a GET/HEAD. A primary that reads the request and hangs up without a
+    byte: the GET is answered by the fallback, the POST is a 502 and sent once."""
+    token = sim.rotate(APPID)                       # the primary hands out a token the fallback's WeChat knows
+    seen: list[bytes] = []
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        line = head.split(b"\r\n", 1)[0]
+        length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")),
+                      0)
+        await reader.readexactly(length)
+        if b"stable_token" in line:
+            body = b'{"access_token": "%s", "expires_in": 7200}' % token.encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+        else:
+            seen.append(line)                       # a call: read whole, then the connection breaks
+        writer.close()
+
+    breaker = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    primary = f"http://127.0.0.1:{breaker.sockets[0].getsockname()[1]}"
+    try:
+        running = await make_sidecar(egress_yaml(primary, fallback=[sim.url]))
+        calls = sim.business_calls
+        async with http.get(f"{running.base}/cgi-bin/user/info?openid=O") as resp:
+            assert resp.status == 200 and (await resp.json())["errcode"] == 0
+        assert seen == [b"GET /cgi-bin/user/info?openid=O&access_token=" + token.encode() + b" HTTP/1.1"]
+        assert sim.business_calls == calls + 1                  # the fallback answered it
+        async with http.head(f"{running.base}/cgi-bin/user/info?openid=O") as resp:
+            assert resp.status == 200
+        assert sim.business_calls == calls + 2 and len(seen) == 2
+        async with http.post(f"{running.base}/cgi-bin/message/custom/send", json={"touser": "O"}) as resp:
+            assert resp.status == 502
+        assert sim.business_calls == calls + 2 and len(seen) == 3   # the POST went to the primary only
+        egress = running.sidecar.egress
+        assert egress.failures == 0 and egress.prefer_fallback_until == 0   # a hang-up is not a connect failure
+        assert metric(await scrape(http, running), "wts_upstream_host_switches_total") == 2
+    finally:
+        breaker.close()
+        await breaker.wait_closed()
+
+
+async def test_a_token_fetch_by_get_the_primary_hung_up_on_goes_to_the_fallback(make_sidecar, sim, http):
+    """The same for fetches: `/cgi-bin/token` is a GET (token_api:
+    client_credential); the primary reads it and hangs up."""
+    seen: list[bytes] = []
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append((await reader.readuntil(b"\r\n\r\n")).split(b" ", 2)[1].split(b"?")[0])
+        writer.close()
+
+    breaker = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    primary = f"http://127.0.0.1:{breaker.sockets[0].getsockname()[1]}"
+    try:
+        running = await make_sidecar(egress_yaml(primary, fallback=[sim.url]).replace(
+            "token_api: stable", "token_api: client_credential"))
+        async with http.get(f"{running.base}/cgi-bin/user/info?openid=O") as resp:
+            assert resp.status == 200 and (await resp.json())["errcode"] == 0
+        assert seen[0] == b"/cgi-bin/token" and b"/cgi-bin/user/info" in seen
+        assert sim.fetch_count() == 1 and sim.business_calls == 1
+        assert running.sidecar.egress.failures == 0
+    finally:
+        breaker.close()
+        await breaker.wait_closed()
+
+
 async def test_a_reload_that_changes_egress_settings_keeps_them_and_says_a_restart_is_needed(
         make_sidecar, sim, caplog):
     running = await make_sidecar(egress_yaml(sim.url))
