@@ -13,7 +13,6 @@ authorization, is answered `success` and ignored.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import time
 from typing import Callable
@@ -25,7 +24,7 @@ from ..credentials.store import StoreUnavailable
 from ..http.replies import sidecar_error
 from ..http.server import BodyError, Reply, Request, http_date, query_values
 from ..wechat.crypto import MessageCrypto
-from .envelope import REPLAY_MEMORY_S, PushRefused, check_window, open_encrypted, parse_xml
+from .envelope import REPLAY_MEMORY_S, PushRefused, check_window, open_encrypted, parse_xml, replay_key
 
 log = logging.getLogger("proxy.forward")
 
@@ -35,15 +34,6 @@ MAX_PUSH_BYTES = 64 * 1024
 COMPONENT_EVENT_PATH = "/sidecar/component/event"
 
 PUSH_INFO_TYPES = ("component_verify_ticket", "authorized", "updateauthorized", "unauthorized")
-
-
-def replay_key(msg_signature: str, encrypt: str) -> str:
-    """What the memory of taken pushes is keyed on: the signature with the
-    ciphertext it covers. (WeChat's signature hashes the sorted values joined
-    with no separator, so digits moved between timestamp and nonce keep it:
-    (nonce, timestamp) alone would let such a copy through.)"""
-    digest = hashlib.sha256(f"{msg_signature}\n{encrypt}".encode()).hexdigest()
-    return f"push:{digest}"
 
 
 class ComponentPushes:
@@ -93,7 +83,7 @@ class ComponentPushes:
             _count(platform, "refused")
             raise
         try:
-            message, encrypt = open_encrypted(crypto, body, params["msg_signature"], timestamp, params["nonce"])
+            message, _ = open_encrypted(crypto, body, params["msg_signature"], timestamp, params["nonce"])
         except PushRefused as exc:
             if exc.status == 403:
                 _count(platform, "refused")
@@ -103,14 +93,14 @@ class ComponentPushes:
             raise PushRefused(403, "push names another platform in AppId")
         created = fields.get("CreateTime", "")
         created_at = int(created) if created.isascii() and created.isdigit() and len(created) <= 12 else int(timestamp)
-        seen = replay_key(params["msg_signature"], encrypt)
+        seen = replay_key(f"component:{app.name}", timestamp, params["nonce"])   # (timestamp, nonce) seen: a replay
         try:
             first = await platform.store.claim_once(seen, REPLAY_MEMORY_S)
         except StoreUnavailable as exc:
             raise PushRefused(503, f"store unavailable: {exc}") from None
         if not first:
             _count(platform, "replayed")
-            raise PushRefused(403, "push already taken (a replay of the same signed push)")
+            raise PushRefused(403, "push already taken (its timestamp and nonce were seen)")
         info = fields.get("InfoType", "")
         try:
             taken = await _act(platform, info, fields, created_at)

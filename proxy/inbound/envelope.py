@@ -8,6 +8,7 @@ callbacks listener (messages.py).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -65,11 +66,23 @@ def parse_message(data: bytes, what: str) -> dict[str, Any]:
 
 
 def check_window(timestamp: str, now: float) -> None:
-    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+    """Unix seconds, written plainly (no leading zero), within the window.
+    Plain digits make (timestamp, nonce) name one push: WeChat's signatures
+    hash the sorted values joined with no separator, so a digit moved between
+    timestamp and nonce would keep the signature, but it moves the timestamp
+    tenfold, out of the window."""
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12) or \
+            (timestamp[0] == "0" and timestamp != "0"):
         raise PushRefused(400, "push timestamp is not Unix seconds")
     if abs(now - int(timestamp)) > PUSH_WINDOW_S:
         raise PushRefused(403, f"push timestamp is more than {PUSH_WINDOW_S} s from now (a replay, "
                                "or this host's clock is off)")
+
+
+def replay_key(scope: str, timestamp: str, nonce: str) -> str:
+    """The memory of pushes taken is keyed on (timestamp, nonce) (DESIGN.md:
+    a pair already seen is refused); the timestamp passed `check_window`."""
+    return f"pushseen:{scope}:{timestamp}:{hashlib.sha256(nonce.encode()).hexdigest()[:32]}"
 
 
 def check_plain_signature(token: str, signature: str, timestamp: str, nonce: str) -> None:

@@ -40,6 +40,7 @@ from .envelope import (
     open_ciphertext,
     open_encrypted,
     parse_message,
+    replay_key,
 )
 
 log = logging.getLogger("proxy.push")
@@ -114,24 +115,22 @@ class MessageIntake:
         if encrypted:
             if account.crypto is None:
                 raise PushRefused(400, f"app {app.name} has no encoding_aes_key: encrypted pushes cannot be read")
-            message, proof = open_encrypted(account.crypto, body, query.get("msg_signature", ""), timestamp, nonce)
+            message, _ = open_encrypted(account.crypto, body, query.get("msg_signature", ""), timestamp, nonce)
         else:
             check_plain_signature(account.token, query.get("signature", ""), timestamp, nonce)
-            message, proof = body, query.get("signature", "")
+            message = body
         as_json = is_json(message)
         fields = parse_message(message, "push")
         msg_id = message_id(fields, message)
         key = f"{app.name}:{account.appid}:{msg_id}"
         try:
-            # A push seen before (its timestamp and nonce, so its signature)
-            # is a replay, refused on every replica. Keyed on the signature:
-            # digits moved between timestamp and nonce keep it (the values are
-            # joined with no separator), and a plaintext push's signature does
-            # not cover its body, so a captured one cannot carry another in.
-            # WeChat's own retries come with a new timestamp and nonce.
-            if not await self.store.claim_once(f"pushsig:{app.name}:{proof}", REPLAY_MEMORY_S):
+            # A (timestamp, nonce) seen before is a replay, refused on every
+            # replica, whatever the body (a plaintext push's signature does not
+            # cover it). WeChat's own retries come with a new timestamp and
+            # nonce, and meet the message-id dedupe below.
+            if not await self.store.claim_once(replay_key(app.name, timestamp, nonce), REPLAY_MEMORY_S):
                 self.count(app.name, "replayed")
-                raise PushRefused(403, "push already taken (its timestamp, nonce and signature were seen)")
+                raise PushRefused(403, "push already taken (its timestamp and nonce were seen)")
             if not await self.store.claim_once(f"push:{key}", DEDUPE_S):
                 # WeChat's retry of a message taken already (on any replica):
                 # the first reply if there was one, else success.

@@ -55,6 +55,27 @@ async def test_a_replayed_verify_ticket_push_is_refused_and_the_newer_ticket_sta
     assert status == 200 and body["errcode"] == 0
 
 
+async def test_a_push_under_a_timestamp_and_nonce_seen_before_is_refused(make_sidecar, sim, http):
+    """DESIGN: a (nonce, timestamp) already seen is refused, even when what it
+    carries is new and signed (msg_signature covers the ciphertext)."""
+    running = await start_platform(make_sidecar, sim)
+    p1 = ticket_push(sim, sim.new_verify_ticket(PLATFORM))
+    assert (await post(http, running.base, *p1))[0] == 200
+    first = await stored_ticket(running)
+    fields = dict(item.split("=", 1) for item in p1[0].split("&"))
+    crypto = sim.crypto(PLATFORM)
+    ticket = sim.new_verify_ticket(PLATFORM)
+    encrypt = crypto.encrypt((f"<xml><AppId><![CDATA[{PLATFORM}]]></AppId><CreateTime>{fields['timestamp']}</CreateTime>"
+                              "<InfoType><![CDATA[component_verify_ticket]]></InfoType>"
+                              f"<ComponentVerifyTicket><![CDATA[{ticket}]]></ComponentVerifyTicket></xml>").encode())
+    query = (f"timestamp={fields['timestamp']}&nonce={fields['nonce']}&encrypt_type=aes"
+             f"&msg_signature={signature(crypto.token, fields['timestamp'], fields['nonce'], encrypt)}")
+    body = f"<xml><AppId><![CDATA[{PLATFORM}]]></AppId><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>".encode()
+    status, text = await post(http, running.base, query, body)
+    assert status == 403 and "timestamp and nonce were seen" in text
+    assert await stored_ticket(running) == first
+
+
 async def test_a_fresh_push_of_an_older_verify_ticket_is_acknowledged_and_ignored(make_sidecar, sim, http):
     running = await start_platform(make_sidecar, sim)
     now = time.time()

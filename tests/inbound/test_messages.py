@@ -298,6 +298,34 @@ async def test_a_push_replayed_as_it_was_is_refused_on_its_timestamp_and_nonce(m
     assert len(receiver.got) == 2
 
 
+async def test_a_timestamp_and_nonce_seen_before_are_refused_whatever_the_message(make_sidecar, sim, http, receiver):
+    """DESIGN: a (nonce, timestamp) already seen is refused: in safe mode too,
+    where a second message under them carries its own valid msg_signature."""
+    running = await start(make_sidecar, sim, receiver)
+    now = int(time.time())
+    assert (await post(http, running, *safe_push(text_message(msg_id=6161), nonce="9090", timestamp=now)))[0] == 200
+    status, body = await post(http, running, *safe_push(text_message(msg_id=6162, content="another"), nonce="9090",
+                                                        timestamp=now))
+    assert status == 403 and b"timestamp and nonce were seen" in body
+    assert [headers["X-WeChat-Message-Id"] for headers, _ in receiver.got] == ["6161"]
+
+
+async def test_a_digit_moved_from_the_nonce_to_the_timestamp_does_not_make_a_new_push(
+        make_sidecar, sim, http, receiver):
+    """WeChat's signature hashes the sorted values with no separator: nonce
+    "00" + timestamp T and nonce "0" + timestamp "0T" sign alike, and "0T" is
+    T in seconds. Such a timestamp is not Unix seconds as WeChat writes them."""
+    running = await start(make_sidecar, sim, receiver)
+    now = int(time.time())
+    query, body = plain_push(text_message(msg_id=6363), timestamp=now, nonce="00")
+    assert (await post(http, running, query, body))[0] == 200
+    moved = query.replace(f"timestamp={now}&nonce=00", f"timestamp=0{now}&nonce=0")
+    assert plain_signature(TOKEN, f"0{now}", "0") == plain_signature(TOKEN, str(now), "00")   # the same signature
+    status, answer = await post(http, running, moved, text_message(msg_id=6364, content="moved"))
+    assert status == 400 and b"not Unix seconds" in answer
+    assert [headers["X-WeChat-Message-Id"] for headers, _ in receiver.got] == ["6363"]
+
+
 async def test_a_slow_app_never_shows_the_user_an_error(make_sidecar, sim, http, receiver):
     running = await start(make_sidecar, sim, receiver, within=0.3)
     receiver.delay, receiver.reply = 1.0, b"<xml><Content><![CDATA[late]]></Content></xml>"
