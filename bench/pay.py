@@ -65,15 +65,7 @@ ORDER_ANSWER = json.dumps({
 NGINX_PAY = bench.NGINX_HEAD + """
     log_format authorization escape=none '$request_method $request_uri $http_authorization';
     server {{
-        listen 127.0.0.1:{up};
-        location = /cgi-bin/stable_token {{
-            default_type application/json;
-            return 200 '{{"access_token":"T$msec","expires_in":7200}}';
-        }}
-        location = /cgi-bin/user/info {{
-            default_type application/json;
-            return 200 '{user_info}';
-        }}
+        listen 127.0.0.1:{up};""" + bench.NGINX_TOKEN_AND_USER_INFO + """
         location = {order} {{
             access_log {tmp}/authorization.log authorization;
             default_type application/json;

@@ -64,6 +64,17 @@ USER_INFO = ('{"subscribe":1,"openid":"o6_bmjrPTlm6_2sgVt7hMZOPfL2M","language":
 # two-second span it was issued in and answers 40001 after that, so under
 # load the sidecar meets a rotation every two seconds: a share of calls is
 # answered 40001, refreshed and replayed, as when another system rotates.
+# The token endpoint and the user/info answer, as every WeChat stand-in here serves them.
+NGINX_TOKEN_AND_USER_INFO = """
+        location = /cgi-bin/stable_token {{
+            default_type application/json;
+            return 200 '{{"access_token":"T$msec","expires_in":7200}}';
+        }}
+        location = /cgi-bin/user/info {{
+            default_type application/json;
+            return 200 '{user_info}';
+        }}"""
+
 NGINX_UPSTREAM = NGINX_HEAD + """
     map "$arg_access_token:$msec" $stale {{
         default 1;
@@ -74,18 +85,10 @@ NGINX_UPSTREAM = NGINX_HEAD + """
         "~^T(\\d*)[89]\\.\\d+:\\1[89]\\." 0;
     }}
     server {{
-        listen 127.0.0.1:{up};
-        location = /cgi-bin/stable_token {{
-            default_type application/json;
-            return 200 '{{"access_token":"T$msec","expires_in":7200}}';
-        }}
+        listen 127.0.0.1:{up};""" + NGINX_TOKEN_AND_USER_INFO + """
         location = /cgi-bin/media/get {{
             default_type image/jpeg;
             alias {tmp}/media.bin;
-        }}
-        location = /cgi-bin/user/info {{
-            default_type application/json;
-            return 200 '{user_info}';
         }}
         location = /cgi-bin/ticket/getticket {{
             default_type application/json;
