@@ -4,8 +4,8 @@ merchant's APIv3 key, rotated on demand; or public-key mode), requests'
 signatures checked with the merchant's public key (401 SIGN_ERROR signed
 like any answer), every answer signed by the key the request's
 Wechatpay-Serial names or the newest certificate, a few order and refund
-endpoints, an unsigned bill file, and notifications sent signed with the
-resource encrypted."""
+endpoints (closing an order answers a signed 204), an unsigned bill file,
+and notifications sent signed with the resource encrypted."""
 from __future__ import annotations
 
 import datetime
@@ -176,6 +176,20 @@ class PayApis(SimCore):
         return self._pay_signed(200, {k: order[k] for k in ("mchid", "out_trade_no", "transaction_id", "trade_state")
                                       if k in order}, hint)
 
+    async def pay_close_order(self, request: web.Request) -> web.Response:
+        """Closing an unpaid order: 204 No Content, signed over the empty body."""
+        checked = await self._pay_authorized(request)
+        if isinstance(checked, web.Response):
+            return checked
+        hint = request.headers.get("Wechatpay-Serial", "")
+        order = self.pay_orders.get(request.match_info["out_trade_no"])
+        if order is None:
+            return self._pay_error(404, "ORDER_NOT_EXIST", "order does not exist", hint)
+        if order.get("trade_state") == "SUCCESS":
+            return self._pay_error(400, "ORDERPAID", "order paid", hint)
+        order["trade_state"] = "CLOSED"
+        return self._pay_signed(204, None, hint)
+
     async def pay_refund(self, request: web.Request) -> web.Response:
         checked = await self._pay_authorized(request)
         if isinstance(checked, web.Response):
@@ -254,6 +268,7 @@ class PayApis(SimCore):
         app.router.add_route("GET", "/v3/certificates", self.pay_certificates_api)
         app.router.add_route("POST", "/v3/pay/transactions/jsapi", self.pay_jsapi_order)
         app.router.add_route("GET", "/v3/pay/transactions/out-trade-no/{out_trade_no}", self.pay_query_order)
+        app.router.add_route("POST", "/v3/pay/transactions/out-trade-no/{out_trade_no}/close", self.pay_close_order)
         app.router.add_route("POST", "/v3/refund/domestic/refunds", self.pay_refund)
         app.router.add_route("GET", "/v3/bill/tradebill", self.pay_tradebill)
         app.router.add_route("GET", "/v3/billdownload/file", self.pay_bill_file)

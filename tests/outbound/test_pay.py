@@ -116,6 +116,29 @@ async def test_a_pay_call_is_signed_over_the_bytes_sent_and_its_answer_verified(
         assert resp.status == 404 and (await resp.json())["code"] == "ORDER_NOT_EXIST"   # a signed error, relayed
 
 
+async def test_a_signed_answer_with_no_content_is_verified_and_relayed_as_204(make_sidecar, sim, http, keys,
+                                                                              merchant_key):
+    """Closing an order: WeChat Pay answers 204, signed over the empty body;
+    the app gets a 204 with no body and no Content-Length (RFC 9110 §8.6)."""
+    running = await start(make_sidecar, sim, keys, merchant_key)
+    async with http.post(f"{running.base}/v3/pay/transactions/jsapi", json={"out_trade_no": "CLOSE1"}) as resp:
+        assert resp.status == 200
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(running.base.rsplit(":", 1)[1]))
+    body = json.dumps({"mchid": MCHID}).encode()
+    writer.write(b"POST /v3/pay/transactions/out-trade-no/CLOSE1/close HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode("latin-1").lower()
+    writer.close()
+    assert head.startswith("http/1.1 204") and "wechatpay-signature:" in head
+    assert "content-length" not in head and "transfer-encoding" not in head
+    verify_authorization(merchant_key, sim.pay_requests[-1])
+    assert sim.pay_orders["CLOSE1"]["trade_state"] == "CLOSED"
+    sim.pay_orders["CLOSE2"] = {"mchid": MCHID, "out_trade_no": "CLOSE2", "trade_state": "NOTPAY"}
+    sim.pay_sign_with = "NO_SUCH_SERIAL"           # a 204 no key of the merchant verifies is not relayed either
+    async with http.post(f"{running.base}/v3/pay/transactions/out-trade-no/CLOSE2/close", json={"mchid": MCHID}) as resp:
+        assert resp.status == 502 and "does not verify" in await resp.text()
+
+
 async def test_a_tampered_answer_is_never_relayed(make_sidecar, sim, http, keys, merchant_key):
     running = await start(make_sidecar, sim, keys, merchant_key)
     sim.pay_tamper = True
