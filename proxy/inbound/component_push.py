@@ -24,7 +24,7 @@ from ..credentials.store import StoreUnavailable
 from ..http.replies import sidecar_error
 from ..http.server import BodyError, Reply, Request, http_date, query_values
 from ..wechat.crypto import MessageCrypto
-from .envelope import REPLAY_MEMORY_S, PushRefused, check_window, open_encrypted, parse_xml, replay_key
+from .envelope import REPLAY_MEMORY_S, PushRefused, check_window, open_encrypted, parse_xml, replay_keys
 
 log = logging.getLogger("proxy.forward")
 
@@ -83,7 +83,7 @@ class ComponentPushes:
             _count(platform, "refused")
             raise
         try:
-            message, _ = open_encrypted(crypto, body, params["msg_signature"], timestamp, params["nonce"])
+            message, encrypt = open_encrypted(crypto, body, params["msg_signature"], timestamp, params["nonce"])
         except PushRefused as exc:
             if exc.status == 403:
                 _count(platform, "refused")
@@ -93,21 +93,24 @@ class ComponentPushes:
             raise PushRefused(403, "push names another platform in AppId")
         created = fields.get("CreateTime", "")
         created_at = int(created) if created.isascii() and created.isdigit() and len(created) <= 12 else int(timestamp)
-        seen = replay_key(f"component:{app.name}", timestamp, params["nonce"])   # (timestamp, nonce) seen: a replay
+        # (timestamp, nonce) or signature seen: a replay
+        seen = replay_keys(f"component:{app.name}", timestamp, params["nonce"],
+                           f"{params['msg_signature']}\n{encrypt}")
         try:
-            first = await platform.store.claim_once(seen, REPLAY_MEMORY_S)
+            for key in seen:
+                if not await platform.store.claim_once(key, REPLAY_MEMORY_S):
+                    _count(platform, "replayed")
+                    raise PushRefused(403, "push already taken (its timestamp and nonce, or its signature, were seen)")
         except StoreUnavailable as exc:
             raise PushRefused(503, f"store unavailable: {exc}") from None
-        if not first:
-            _count(platform, "replayed")
-            raise PushRefused(403, "push already taken (its timestamp and nonce were seen)")
         info = fields.get("InfoType", "")
         try:
             taken = await _act(platform, info, fields, created_at)
         except PushRefused as exc:
             if exc.status >= 500:           # not taken after all: WeChat's retry must get through
                 with contextlib.suppress(StoreUnavailable):
-                    await platform.store.release_claim(seen)
+                    for key in seen:
+                        await platform.store.release_claim(key)
             raise
         _count(platform, (info if info in PUSH_INFO_TYPES else "other") if taken else "stale")
         return info if taken else f"{info} (stale: older than the state stored, ignored)"

@@ -79,10 +79,16 @@ def check_window(timestamp: str, now: float) -> None:
                                "or this host's clock is off)")
 
 
-def replay_key(scope: str, timestamp: str, nonce: str) -> str:
-    """The memory of pushes taken is keyed on (timestamp, nonce) (DESIGN.md:
-    a pair already seen is refused); the timestamp passed `check_window`."""
-    return f"pushseen:{scope}:{timestamp}:{hashlib.sha256(nonce.encode()).hexdigest()[:32]}"
+def replay_keys(scope: str, timestamp: str, nonce: str, signed: str) -> tuple[str, str]:
+    """The memories of pushes taken, both claimed for every push: its
+    (timestamp, nonce) (DESIGN.md: a pair already seen is refused, whatever
+    it carries), and its signature with what the signature covers (`signed`:
+    a digit moved between timestamp and nonce keeps the signature, as WeChat
+    joins the sorted values with no separator). The timestamp passed
+    `check_window`."""
+    def digest(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return f"pushseen:{scope}:{timestamp}:{digest(nonce)}", f"pushsig:{scope}:{digest(signed)}"
 
 
 def check_plain_signature(token: str, signature: str, timestamp: str, nonce: str) -> None:

@@ -40,7 +40,7 @@ from .envelope import (
     open_ciphertext,
     open_encrypted,
     parse_message,
-    replay_key,
+    replay_keys,
 )
 
 log = logging.getLogger("proxy.push")
@@ -115,22 +115,26 @@ class MessageIntake:
         if encrypted:
             if account.crypto is None:
                 raise PushRefused(400, f"app {app.name} has no encoding_aes_key: encrypted pushes cannot be read")
-            message, _ = open_encrypted(account.crypto, body, query.get("msg_signature", ""), timestamp, nonce)
+            msg_signature = query.get("msg_signature", "")
+            message, encrypt = open_encrypted(account.crypto, body, msg_signature, timestamp, nonce)
+            signed = f"{msg_signature}\n{encrypt}"
         else:
             check_plain_signature(account.token, query.get("signature", ""), timestamp, nonce)
-            message = body
+            message, signed = body, query.get("signature", "")
         as_json = is_json(message)
         fields = parse_message(message, "push")
         msg_id = message_id(fields, message)
         key = f"{app.name}:{account.appid}:{msg_id}"
         try:
-            # A (timestamp, nonce) seen before is a replay, refused on every
-            # replica, whatever the body (a plaintext push's signature does not
-            # cover it). WeChat's own retries come with a new timestamp and
-            # nonce, and meet the message-id dedupe below.
-            if not await self.store.claim_once(replay_key(app.name, timestamp, nonce), REPLAY_MEMORY_S):
-                self.count(app.name, "replayed")
-                raise PushRefused(403, "push already taken (its timestamp and nonce were seen)")
+            # A (timestamp, nonce) or a signature seen before is a replay,
+            # refused on every replica, whatever the body (a plaintext push's
+            # signature does not cover it). WeChat's own retries come with a
+            # new timestamp and nonce, and meet the message-id dedupe below.
+            for seen in replay_keys(app.name, timestamp, nonce, signed):
+                if not await self.store.claim_once(seen, REPLAY_MEMORY_S):
+                    self.count(app.name, "replayed")
+                    raise PushRefused(403, "push already taken (its timestamp and nonce, or its signature, "
+                                           "were seen)")
             if not await self.store.claim_once(f"push:{key}", DEDUPE_S):
                 # WeChat's retry of a message taken already (on any replica):
                 # the first reply if there was one, else success.

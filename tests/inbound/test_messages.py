@@ -306,7 +306,7 @@ async def test_a_timestamp_and_nonce_seen_before_are_refused_whatever_the_messag
     assert (await post(http, running, *safe_push(text_message(msg_id=6161), nonce="9090", timestamp=now)))[0] == 200
     status, body = await post(http, running, *safe_push(text_message(msg_id=6162, content="another"), nonce="9090",
                                                         timestamp=now))
-    assert status == 403 and b"timestamp and nonce were seen" in body
+    assert status == 403 and b"already taken" in body
     assert [headers["X-WeChat-Message-Id"] for headers, _ in receiver.got] == ["6161"]
 
 
@@ -324,6 +324,26 @@ async def test_a_digit_moved_from_the_nonce_to_the_timestamp_does_not_make_a_new
     status, answer = await post(http, running, moved, text_message(msg_id=6364, content="moved"))
     assert status == 400 and b"not Unix seconds" in answer
     assert [headers["X-WeChat-Message-Id"] for headers, _ in receiver.got] == ["6363"]
+
+
+async def test_a_signature_seen_before_is_refused_under_another_timestamp_and_nonce(
+        make_sidecar, sim, http, receiver):
+    """The rarer move keeps a canonical timestamp: a nonce that is the
+    timestamp's first nine digits lets the boundary shift by one digit and
+    still sign alike. The signature memory refuses it (issue 21's key)."""
+    running = await start(make_sidecar, sim, receiver)
+    now = int(time.time())
+    now -= 1 if str(now).endswith("1") else 0
+    ts, nonce = str(now), str(now)[:9]
+    moved_ts, moved_nonce = (nonce + ts)[:10], (nonce + ts)[10:]
+    assert (moved_ts, moved_nonce) != (ts, nonce) and abs(int(moved_ts) - now) < 10
+    assert plain_signature(TOKEN, moved_ts, moved_nonce) == plain_signature(TOKEN, ts, nonce)
+    query, body = plain_push(text_message(msg_id=6565), timestamp=now, nonce=nonce)
+    assert (await post(http, running, query, body))[0] == 200
+    moved = query.replace(f"timestamp={ts}&nonce={nonce}", f"timestamp={moved_ts}&nonce={moved_nonce}")
+    status, answer = await post(http, running, moved, text_message(msg_id=6566, content="moved"))
+    assert status == 403 and b"already taken" in answer
+    assert [headers["X-WeChat-Message-Id"] for headers, _ in receiver.got] == ["6565"]
 
 
 async def test_a_slow_app_never_shows_the_user_an_error(make_sidecar, sim, http, receiver):
