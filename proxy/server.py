@@ -218,23 +218,32 @@ class Sidecar:
     def reload(self, new: Config) -> list[str]:
         """Apply a new config without dropping calls: apps (and their secrets),
         refresh_errcodes, pass_token_errors and admin.token take effect; what
-        needs new sockets or a new store is kept and reported."""
+        needs new sockets or a new store is kept and reported. A change to
+        the egress (upstream.proxy, ca_file, fallback) refuses the whole
+        reload: ConfigError."""
         old = self.config
+        # DESIGN.md, "Egress": these take effect at start, and a reload that
+        # changes them is refused whole (the caller logs it): egress half
+        # applied would be neither the old way out nor the new one.
+        at_start = [name for name, same in (("upstream.proxy", old.upstream.proxy == new.upstream.proxy),
+                                            ("upstream.ca_file", old.upstream.ca_file == new.upstream.ca_file),
+                                            ("upstream.fallback", old.upstream.fallback == new.upstream.fallback))
+                    if not same]
+        if at_start:
+            raise ConfigError(new.source, ", ".join(at_start),
+                              "changed, and it takes effect only at start: restart the sidecar to apply it "
+                              "(nothing of this reload was applied)")
         kept: list[str] = []
         for name, same in (("listen", old.listen == new.listen),
                            ("admin host/port", (old.admin.host, old.admin.port) == (new.admin.host, new.admin.port)),
                            ("store", old.store == new.store),
                            ("upstream.timeout_s", old.upstream.timeout_s == new.upstream.timeout_s),
-                           ("upstream.proxy", old.upstream.proxy == new.upstream.proxy),
-                           ("upstream.ca_file", old.upstream.ca_file == new.upstream.ca_file),
-                           ("upstream.fallback", old.upstream.fallback == new.upstream.fallback),
                            ("max_body_bytes", old.max_body_bytes == new.max_body_bytes)):
             if not same:
                 kept.append(name)
         effective = replace(new, listen=old.listen, store=old.store, max_body_bytes=old.max_body_bytes,
                             admin=replace(new.admin, host=old.admin.host, port=old.admin.port),
-                            upstream=replace(new.upstream, timeout_s=old.upstream.timeout_s, proxy=old.upstream.proxy,
-                                             ca_file=old.upstream.ca_file, fallback=old.upstream.fallback))
+                            upstream=replace(new.upstream, timeout_s=old.upstream.timeout_s))
         managers: dict[str, TokenManager] = {}
         started: list[TokenManager] = []
         for app in effective.apps:
@@ -535,10 +544,9 @@ async def serve(config: Config, reload_config: Callable[[], Config] | None = Non
             log.info("reloading the config (%s)", why, extra={"event": "reload"})
             try:
                 new = await asyncio.to_thread(reload_config)
+                running.sidecar.reload(new)
             except ConfigError as exc:
                 log.error("config reload refused, the running config stays: %s", exc, extra={"event": "reload"})
-                return
-            running.sidecar.reload(new)
 
     def on_sighup() -> None:
         task = asyncio.create_task(reload("SIGHUP"))

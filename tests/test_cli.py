@@ -296,6 +296,26 @@ async def test_sighup_applies_a_new_secret_and_refuses_a_broken_config(sim, spaw
     assert "not-the-secret" not in out and SECRET not in out
 
 
+async def test_sighup_with_a_new_egress_proxy_is_refused_with_a_restart_line(sim, spawn, http):
+    port, admin = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = spawn(sidecar_yaml(sim.url, listen_port=port, admin_port=admin))
+    await proc.wait_ready(f"http://127.0.0.1:{admin}", timeout=5)
+    changed = sidecar_yaml(sim.url, listen_port=port, admin_port=admin).replace(
+        "timeout_s: 5}", 'timeout_s: 5, proxy: "http://127.0.0.1:9"}')
+    assert "proxy:" in changed
+    proc.config_path.write_text(changed)
+    proc.proc.send_signal(signal.SIGHUP)
+    for _ in range(50):
+        if "config reload refused" in proc.output():
+            break
+        await asyncio.sleep(0.1)
+    out = proc.output()
+    assert "config reload refused" in out and "upstream.proxy" in out and "restart the sidecar" in out
+    async with http.get(f"{base}/cgi-bin/user/info") as resp:       # still straight to WeChat, no proxy
+        assert resp.status == 200
+
+
 def replace_atomically(path, text: str) -> None:
     """As the kubelet updates a mounted Secret or ConfigMap: a new file swapped in."""
     fresh = path.with_name(path.name + ".new")

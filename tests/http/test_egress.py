@@ -276,12 +276,16 @@ async def test_a_token_fetch_by_get_the_primary_hung_up_on_goes_to_the_fallback(
         await breaker.wait_closed()
 
 
-async def test_a_reload_that_changes_egress_settings_keeps_them_and_says_a_restart_is_needed(
-        make_sidecar, sim, caplog):
+async def test_a_reload_that_changes_egress_settings_is_refused_and_says_a_restart_is_needed(make_sidecar, sim):
+    """DESIGN: proxy, ca_file and fallback take effect at start; a reload that
+    changes them is refused (the subprocess test in test_cli.py sees its log line)."""
     running = await make_sidecar(egress_yaml(sim.url))
-    new = config_mod.parse(egress_yaml(sim.url, proxy="http://127.0.0.1:3128", fallback=["https://api2.weixin.qq.com"]),
-                           "c.yaml", {})
-    kept = running.sidecar.reload(new)
-    assert {"upstream.proxy", "upstream.fallback"} <= set(kept)
-    assert running.sidecar.config.upstream.proxy == "" and running.sidecar.config.upstream.fallback == ()
-    assert "needing a restart" in caplog.text and "upstream.proxy" in caplog.text
+    before = running.sidecar.config
+    new = config_mod.parse(egress_yaml(sim.url, proxy="http://127.0.0.1:3128", fallback=["https://api2.weixin.qq.com"])
+                           .replace("refresh_before_s: 240", "refresh_before_s: 300"), "c.yaml", {})
+    assert new.apps[0].refresh_before_s == 300
+    with pytest.raises(config_mod.ConfigError) as refused:
+        running.sidecar.reload(new)
+    assert "upstream.proxy, upstream.fallback" in str(refused.value) and "restart" in str(refused.value)
+    assert running.sidecar.config is before                      # nothing applied, the app change neither
+    assert running.sidecar.config.apps[0].refresh_before_s == 240
