@@ -134,22 +134,23 @@ def pem_public(key: rsa.RSAPrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def sign_alone_us(key: rsa.RSAPrivateKey, rounds: int = 400) -> float:
-    data = wxpay.message("GET", f"{ORDER}?mchid={MCHID}", "1733450000", "0123456789abcdef", "")
+def cpu_us(work: Callable[[], object], rounds: int) -> float:
+    """CPU microseconds one `work()` takes, back to back."""
     started = time.process_time()
     for _ in range(rounds):
-        wxpay.sign(key, data)
+        work()
     return (time.process_time() - started) / rounds * 1e6
+
+
+def sign_alone_us(key: rsa.RSAPrivateKey, rounds: int = 400) -> float:
+    data = wxpay.message("GET", f"{ORDER}?mchid={MCHID}", "1733450000", "0123456789abcdef", "")
+    return cpu_us(lambda: wxpay.sign(key, data), rounds)
 
 
 def verify_alone_us(key: rsa.RSAPrivateKey, rounds: int = 2000) -> float:
-    body = ORDER_ANSWER.encode()
-    data = wxpay.answer_message("1733450000", "0123456789abcdef", body)
+    data = wxpay.answer_message("1733450000", "0123456789abcdef", ORDER_ANSWER.encode())
     signature, public = wxpay.sign(key, data), key.public_key()
-    started = time.process_time()
-    for _ in range(rounds):
-        wxpay.verify(public, data, signature)
-    return (time.process_time() - started) / rounds * 1e6
+    return cpu_us(lambda: wxpay.verify(public, data, signature), rounds)
 
 
 def on_cpu0(measure: Callable[[], T]) -> T:
@@ -167,20 +168,19 @@ def on_cpu0(measure: Callable[[], T]) -> T:
 
 def pbkdf2_alone_us(rounds: tuple[int, int], repeat: int = 300) -> float:
     """The control's work for one call (its sign and verify stand-ins) alone."""
-    started = time.process_time()
-    for _ in range(repeat):
-        for n in rounds:
-            hashlib.pbkdf2_hmac("sha256", b"x" * 80, b"control", n)
-    return (time.process_time() - started) / repeat * 1e6
+    return cpu_us(lambda: [hashlib.pbkdf2_hmac("sha256", b"x" * 80, b"control", n) for n in rounds], repeat)
 
 
 def pbkdf2_rounds_for(us: float) -> int:
     """PBKDF2 rounds that take `us` µs of CPU here."""
-    started = time.process_time()
-    for _ in range(100):
-        hashlib.pbkdf2_hmac("sha256", b"calibrate", b"control", 1000)
-    per_round_us = (time.process_time() - started) / 100 / 1000 * 1e6
+    per_round_us = cpu_us(lambda: hashlib.pbkdf2_hmac("sha256", b"calibrate", b"control", 1000), 100) / 1000
     return max(1, round(us / per_round_us))
+
+
+def call_urls(port: int) -> dict[str, str]:
+    """The two calls compared, through a sidecar on `port`."""
+    return {"forwarded": f"http://127.0.0.1:{port}/cgi-bin/user/info?openid=o1",
+            "pay": f"http://127.0.0.1:{port}{ORDER}?mchid={MCHID}"}
 
 
 def check_signatures(log: Path, merchant_key: rsa.RSAPrivateKey, sample: int = 50) -> int:
@@ -245,8 +245,7 @@ def saturated(tmp: Path, merchant_key: rsa.RSAPrivateKey, seconds: int, rounds: 
             proc = stack.enter_context(bench.process(bench.pinned([*command, "run", "--config", str(path)], 0),
                                                      cwd=bench.ROOT))
             bench.wait_http(f"http://127.0.0.1:{admin}/readyz")
-            targets[name] = (proc, {"forwarded": f"http://127.0.0.1:{port}/cgi-bin/user/info?openid=o1",
-                                    "pay": f"http://127.0.0.1:{port}{ORDER}?mchid={MCHID}"})
+            targets[name] = (proc, call_urls(port))
             for url in targets[name][1].values():
                 bench.wrk(url, 64, 2)                                  # warm up
         for _ in range(rounds):
@@ -293,8 +292,7 @@ def sequential(tmp: Path, count: int) -> dict[str, float]:
             bench.process(bench.pinned([bench.PY, "-m", "proxy", "run", "--config",
                                         str(config(tmp, upstream, port, admin, ""))], 0), cwd=bench.ROOT) as sidecar:
         bench.wait_http(f"http://127.0.0.1:{admin}/readyz")
-        urls = {"forwarded": f"http://127.0.0.1:{port}/cgi-bin/user/info?openid=o1",
-                "pay": f"http://127.0.0.1:{port}{ORDER}?mchid={MCHID}"}
+        urls = call_urls(port)
         for _ in range(3):
             for name, url in urls.items():
                 cpu0 = bench.cpu_seconds(sidecar.pid)

@@ -27,6 +27,10 @@ log = logging.getLogger("proxy.egress")
 PREFER_FALLBACK_AFTER = 3
 PREFER_FALLBACK_S = 60.0
 
+# A request written to a host that hung up before answering goes to the next
+# host only when it is safe to send twice (RFC 9110 §9.2.1; DESIGN.md, "Egress").
+RESENDABLE_METHODS = frozenset({"GET", "HEAD"})
+
 # A proxy's answer to CONNECT is a status line and a few headers.
 MAX_CONNECT_HEAD = 16 * 1024
 
@@ -224,7 +228,7 @@ class _Attempts:
                 continue
             except aiohttp.ServerDisconnectedError:
                 # The host hung up before answering: a GET may go to the next one.
-                if base is None or last or self.method not in ("GET", "HEAD"):
+                if base is None or last or self.method not in RESENDABLE_METHODS:
                     raise
                 egress.connect_failed(base, moving_on=True, counted=False)
                 continue

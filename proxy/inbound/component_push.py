@@ -24,7 +24,7 @@ from ..credentials.store import StoreUnavailable
 from ..http.replies import sidecar_error
 from ..http.server import BodyError, Reply, Request, http_date, query_values
 from ..wechat.crypto import MessageCrypto
-from .envelope import REPLAY_MEMORY_S, PushRefused, check_window, open_encrypted, parse_xml, replay_keys
+from .envelope import REPLAYED, PushRefused, check_window, first_time, open_encrypted, parse_xml, replay_keys
 
 log = logging.getLogger("proxy.forward")
 
@@ -97,12 +97,12 @@ class ComponentPushes:
         seen = replay_keys(f"component:{app.name}", timestamp, params["nonce"],
                            f"{params['msg_signature']}\n{encrypt}")
         try:
-            for key in seen:
-                if not await platform.store.claim_once(key, REPLAY_MEMORY_S):
-                    _count(platform, "replayed")
-                    raise PushRefused(403, "push already taken (its timestamp and nonce, or its signature, were seen)")
+            first = await first_time(platform.store, seen)
         except StoreUnavailable as exc:
             raise PushRefused(503, f"store unavailable: {exc}") from None
+        if not first:
+            _count(platform, "replayed")
+            raise PushRefused(403, REPLAYED)
         info = fields.get("InfoType", "")
         try:
             taken = await _act(platform, info, fields, created_at)

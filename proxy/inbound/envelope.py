@@ -91,6 +91,19 @@ def replay_keys(scope: str, timestamp: str, nonce: str, signed: str) -> tuple[st
     return f"pushseen:{scope}:{timestamp}:{digest(nonce)}", f"pushsig:{scope}:{digest(signed)}"
 
 
+REPLAYED = "push already taken (its timestamp and nonce, or its signature, were seen)"
+
+
+async def first_time(store: Any, keys: tuple[str, ...]) -> bool:
+    """Claim every replay memory of a push in the store (shared by every
+    replica); False when one was claimed before: a replay. StoreUnavailable
+    passes through."""
+    for key in keys:
+        if not await store.claim_once(key, REPLAY_MEMORY_S):
+            return False
+    return True
+
+
 def check_plain_signature(token: str, signature: str, timestamp: str, nonce: str) -> None:
     if not signature or not same_signature(plain_signature(token, timestamp, nonce), signature):
         raise PushRefused(403, "push signature does not match (signature)")

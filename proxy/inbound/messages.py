@@ -32,10 +32,11 @@ from ..wechat.crypto import MessageCrypto
 from .component_push import ComponentPushes
 from .delivery import Delivery, Failed, Message
 from .envelope import (
-    REPLAY_MEMORY_S,
+    REPLAYED,
     PushRefused,
     check_plain_signature,
     check_window,
+    first_time,
     is_json,
     open_ciphertext,
     open_encrypted,
@@ -130,11 +131,9 @@ class MessageIntake:
             # refused on every replica, whatever the body (a plaintext push's
             # signature does not cover it). WeChat's own retries come with a
             # new timestamp and nonce, and meet the message-id dedupe below.
-            for seen in replay_keys(app.name, timestamp, nonce, signed):
-                if not await self.store.claim_once(seen, REPLAY_MEMORY_S):
-                    self.count(app.name, "replayed")
-                    raise PushRefused(403, "push already taken (its timestamp and nonce, or its signature, "
-                                           "were seen)")
+            if not await first_time(self.store, replay_keys(app.name, timestamp, nonce, signed)):
+                self.count(app.name, "replayed")
+                raise PushRefused(403, REPLAYED)
             if not await self.store.claim_once(f"push:{key}", DEDUPE_S):
                 # WeChat's retry of a message taken already (on any replica):
                 # the first reply if there was one, else success.

@@ -32,7 +32,7 @@ from . import jssdk_request
 from .pay_calls import PayCalls
 from .platform_calls import QUERY_AUTH_PATH, Handler, PlatformCalls
 from .pools import HOP_BY_HOP_BYTES, Pools
-from .replies import SIDECAR_ROOT, held
+from .replies import SIDECAR_ROOT, held, named
 
 log = logging.getLogger("proxy.forward")
 _monotonic = time.monotonic
@@ -200,14 +200,10 @@ class Forwarder:
         app = self.apps.get(first)
         if app is not None:
             return app, "/" + tail
-        named = request.noted.get(b"x-wechat-app")
-        if named is not None:
-            header = named.decode("latin-1")
-            app = self.apps.get(header.strip())
-            if app is None:
-                return sidecar_error(400, f"unknown app {header.strip()[:64]!r} in X-WeChat-App "
-                                          f"(configured: {', '.join(self.apps)})")
-            return app, raw_path
+        header = request.noted.get(b"x-wechat-app")
+        if header is not None:
+            found = named(self.apps, header.decode("latin-1"), "app", " in X-WeChat-App")
+            return found if isinstance(found, Reply) else (found, raw_path)
         return self.default_app, raw_path
 
     # ------------------------------------------------------------ entry point

@@ -21,6 +21,7 @@ from ..http.replies import local_reply, sidecar_error
 from ..http.server import BodyError, Reply, Request, query_values
 from ..wechat import pay as wxpay
 from .pools import HOP_BY_HOP_BYTES, Pools
+from .replies import named
 
 # An answer is verified whole: WeChat Pay's JSON answers are small; a bigger
 # one is not an answer the sidecar can vouch for.
@@ -50,16 +51,13 @@ class PayCalls:
             return merchant, "/" + rest
         if not path.startswith((PAY_ROOT, LOCAL_ROOT)):
             return None
-        named = request.header(b"x-wechat-merchant")
-        if named is None and path.startswith(LOCAL_ROOT):
-            given = query_values(request.query, "merchant")
-            named = given[0] if given else None
-        if named is not None:
-            merchant = self.merchants.get(named.strip())
-            if merchant is None:
-                return sidecar_error(400, f"unknown merchant {named.strip()[:64]!r} "
-                                          f"(configured: {', '.join(self.merchants)})")
-            return merchant, path
+        given = request.header(b"x-wechat-merchant")
+        if given is None and path.startswith(LOCAL_ROOT):
+            values = query_values(request.query, "merchant")
+            given = values[0] if values else None
+        if given is not None:
+            found = named(self.merchants, given, "merchant")
+            return found if isinstance(found, Reply) else (found, path)
         return self.first, path
 
     async def handle(self, request: Request, merchant: PayMerchant, path: str) -> Reply:

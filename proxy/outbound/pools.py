@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from ..http.client import Response, UpstreamBrokeOff, UpstreamConnectError, UpstreamError, UpstreamPool
-from ..http.egress import Egress
+from ..http.egress import RESENDABLE_METHODS, Egress
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and ours: never forwarded either way.
 # Content-Length is recomputed for the bytes actually sent.
@@ -25,10 +25,6 @@ HOP_BY_HOP_BYTES = frozenset(h.lower().encode() for h in HOP_BY_HOP)
 
 # Upstream connections kept per upstream; calls beyond it queue for a free one.
 UPSTREAM_POOL_LIMIT = 100
-
-# A request written to a host that hung up before answering goes to the next
-# host only when it is safe to send twice (RFC 9110 §9.2.1; DESIGN.md, "Egress").
-RESENDABLE_METHODS = frozenset({"GET", "HEAD"})
 
 
 class Pools(dict[str, UpstreamPool]):

@@ -165,7 +165,9 @@ class PayApis(SimCore):
                                          "transaction_id": str(4200000000 + len(self.pay_orders))}
         return self._pay_signed(200, {"prepay_id": prepay_id}, hint)
 
-    async def pay_query_order(self, request: web.Request) -> web.Response:
+    async def _pay_order(self, request: web.Request) -> tuple[dict[str, Any], str] | web.Response:
+        """(the order the path names, the request's serial hint) of a signed
+        request, else the 401 or the signed 404."""
         checked = await self._pay_authorized(request)
         if isinstance(checked, web.Response):
             return checked
@@ -173,18 +175,22 @@ class PayApis(SimCore):
         order = self.pay_orders.get(request.match_info["out_trade_no"])
         if order is None:
             return self._pay_error(404, "ORDER_NOT_EXIST", "order does not exist", hint)
+        return order, hint
+
+    async def pay_query_order(self, request: web.Request) -> web.Response:
+        found = await self._pay_order(request)
+        if isinstance(found, web.Response):
+            return found
+        order, hint = found
         return self._pay_signed(200, {k: order[k] for k in ("mchid", "out_trade_no", "transaction_id", "trade_state")
                                       if k in order}, hint)
 
     async def pay_close_order(self, request: web.Request) -> web.Response:
         """Closing an unpaid order: 204 No Content, signed over the empty body."""
-        checked = await self._pay_authorized(request)
-        if isinstance(checked, web.Response):
-            return checked
-        hint = request.headers.get("Wechatpay-Serial", "")
-        order = self.pay_orders.get(request.match_info["out_trade_no"])
-        if order is None:
-            return self._pay_error(404, "ORDER_NOT_EXIST", "order does not exist", hint)
+        found = await self._pay_order(request)
+        if isinstance(found, web.Response):
+            return found
+        order, hint = found
         if order.get("trade_state") == "SUCCESS":
             return self._pay_error(400, "ORDERPAID", "order paid", hint)
         order["trade_state"] = "CLOSED"
